@@ -1,0 +1,297 @@
+"""
+Diffusion Loss: a per-token denoising diffusion model p(x | z) (paper Sec. 3.1-3.3).
+
+MAR's Transformer does not predict a token x directly. For every token it produces a vector z, and
+this file models the distribution of the continuous token given z with a small diffusion model:
+
+  training  (Sec. 3.2, Eq. 1-2): L(z, x) = E_{eps, t} || eps - eps_theta(x_t | t, z) ||^2
+                                  plus the variational-bound term that trains the learned variance;
+  sampling  (Sec. 3.3, Eq. 3):    x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-abar_t) eps_theta) + sigma_t * tau * noise,
+                                  with temperature tau and classifier-free guidance.
+
+Everything that must match the released weights is here: the cosine 1000-step schedule, respacing to
+N sampling steps (the network always sees the ORIGINAL step index 0..999), the learned-range variance
+of Improved DDPM, and the AdaLN residual MLP `net` whose parameter names equal the released
+`diffloss.net.*` tensors. The file is self-contained (torch, numpy, math): copy it into your project.
+
+    loss_fn = DiffLoss(target_channels=16, z_channels=768, depth=6, width=1024)   # MAR-B's head
+    loss = loss_fn(target, z, mask)          # target (N, 16), z (N, 768), mask (N,)
+    tokens = loss_fn.sample(z, temperature=1.0, cfg=1.0)
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+NUM_TRAIN_STEPS = 1000  # T of the cosine schedule; the network is conditioned on t in 0..T-1
+
+
+# ----------------------------------------------------------------------------------------------
+# The noise schedule (Improved DDPM, Nichol & Dhariwal 2021), computed in float64 once.
+
+def cosine_betas(num_steps=NUM_TRAIN_STEPS):
+    """beta_t = 1 - abar(t+1)/abar(t) with abar(t) = cos^2(((t/T) + s) / (1 + s) * pi/2), s = 0.008,
+    capped at 0.999 (the last step would otherwise be beta = 1, a singular posterior)."""
+    f = lambda t: math.cos((t / num_steps + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - f(i + 1) / f(i), 0.999) for i in range(num_steps)], dtype=np.float64)
+
+
+def respace(betas, num_steps):
+    """Keep `num_steps` of the original steps, evenly spread from 0 to T-1, and recompute betas so
+    that the kept steps have exactly the original abar (this is how a model trained with 1000 steps
+    samples in 100). Returns (kept original indices, new betas)."""
+    num_steps = int(num_steps)  # the released code passes the count as a string, "100"
+    T = len(betas)
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_sampling_steps must be in 1..{T}, got {num_steps}")
+    # round(i * (T-1) / (N-1)), half to even like the original's Python round(); N = 1 keeps step 0.
+    kept = np.round(np.arange(num_steps) * ((T - 1) / max(num_steps - 1, 1))).astype(np.int64)
+    abar = np.cumprod(1.0 - betas)[kept]
+    new_betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
+    return kept, new_betas
+
+
+def diffusion_coefficients(betas):
+    """Every per-step coefficient the loss and the sampler use, as float64 arrays indexed by step."""
+    abar = np.cumprod(1.0 - betas)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    # Variance of the true posterior q(x_{t-1} | x_t, x_0); at t = 0 it is 0, so its log is "clipped"
+    # by reusing the t = 1 value (the learned variance interpolates towards it).
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    return dict(
+        sqrt_abar=np.sqrt(abar),
+        sqrt_one_minus_abar=np.sqrt(1.0 - abar),
+        sqrt_recip_abar=np.sqrt(1.0 / abar),
+        sqrt_recipm1_abar=np.sqrt(1.0 / abar - 1.0),
+        post_mean_coef_x0=betas * np.sqrt(abar_prev) / (1.0 - abar),
+        post_mean_coef_xt=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
+        post_logvar_clipped=np.log(np.append(post_var[1], post_var[1:])),
+        log_betas=np.log(betas),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The denoising network: a residual MLP whose blocks are modulated by (t, z) through adaptive
+# LayerNorm, as in DiT (paper Sec. 3.1: "a small MLP consisting of a few residual blocks").
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of the (original, 0..999) step index, then a 2-layer MLP."""
+
+    def __init__(self, width, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t[:, None].float() * freqs[None]                        # (N, half)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (N, width)
+
+
+class ResBlock(nn.Module):
+    """x + gate * MLP(LN(x) * (1 + scale) + shift), with (shift, scale, gate) computed from y = t + z."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x, y):
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, y):
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class SimpleMLPAdaLN(nn.Module):
+    """net(x_t (N, C), t (N,), z (N, Z)) -> (N, 2C): epsilon and the variance interpolation v."""
+
+    def __init__(self, in_channels, width, out_channels, z_channels, depth, grad_checkpointing=False):
+        super().__init__()
+        self.grad_checkpointing = grad_checkpointing
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(z_channels, width)
+        self.input_proj = nn.Linear(in_channels, width)
+        self.res_blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
+        self.final_layer = FinalLayer(width, out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        # Zero every modulation output and the final projection: each block starts as the identity
+        # and the network starts by predicting eps = 0, v = 0 (DiT's "adaLN-Zero").
+        for block in self.res_blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, c):
+        x = self.input_proj(x)                                  # (N, width)
+        y = self.time_embed(t) + self.cond_embed(c)             # (N, width)
+        for block in self.res_blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, y, use_reentrant=False)
+            else:
+                x = block(x, y)
+        return self.final_layer(x, y)                           # (N, 2C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian helpers for the variational-bound term (in nats; divided by ln 2 for bits).
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_nll(x, mean, log_scale):
+    """-log P(x) of a Gaussian integrated over the 8-bit bin around x (DDPM's decoder at t = 0).
+    The CDF is the tanh approximation of the released code, so the loss values match it."""
+    cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = cdf(inv_std * (x - mean + 1.0 / 255))
+    cdf_min = cdf(inv_std * (x - mean - 1.0 / 255))
+    log = lambda p: torch.log(p.clamp(min=1e-12))
+    log_probs = torch.where(x < -0.999, log(cdf_plus),
+                            torch.where(x > 0.999, log(1.0 - cdf_min), log(cdf_plus - cdf_min)))
+    return -log_probs
+
+
+# ----------------------------------------------------------------------------------------------
+
+class DiffLoss(nn.Module):
+    """Diffusion Loss (paper Sec. 3): the training loss and the sampler of p(x | z) for one token."""
+
+    def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps="100",
+                 grad_checkpointing=False):
+        super().__init__()
+        self.in_channels, self.z_channels = target_channels, z_channels
+        self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth,
+                                  grad_checkpointing)
+        betas = cosine_betas()
+        kept, sample_betas = respace(betas, num_sampling_steps)
+        self.num_sampling_steps = len(kept)
+        # Coefficients live in non-persistent float32 buffers: they follow .to(device), cost no host
+        # work inside the loops, and stay out of the state dict (whose names must match the release).
+        for prefix, coefs in (("train_", diffusion_coefficients(betas)),
+                              ("sample_", diffusion_coefficients(sample_betas))):
+            for name, value in coefs.items():
+                self.register_buffer(prefix + name, torch.tensor(value, dtype=torch.float32), persistent=False)
+        self.register_buffer("sample_t", torch.tensor(kept), persistent=False)  # original index per step
+
+    # -- training ------------------------------------------------------------------------------
+
+    def forward(self, target, z, mask=None):
+        """target (N, C) tokens, z (N, Z) conditions, mask (N,) weights (1 = counts) -> scalar loss."""
+        self._check(z, target=target, mask=mask)
+        t = torch.randint(0, NUM_TRAIN_STEPS, (target.shape[0],), device=target.device)
+        loss = self.loss_per_token(target.float(), z, t)
+        if mask is None:
+            return loss.mean()
+        mask = mask.to(loss.dtype)
+        return (loss * mask).sum() / mask.sum()
+
+    def loss_per_token(self, x0, z, t, noise=None):
+        """MSE on epsilon (Eq. 2) + the variational bound of Improved DDPM (trains only v)."""
+        c = lambda name: getattr(self, "train_" + name)[t][:, None]   # (N, 1) coefficient at step t
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = c("sqrt_abar") * x0 + c("sqrt_one_minus_abar") * noise   # forward process q(x_t | x_0)
+        eps_hat, v = self.net(x_t, t, z).float().chunk(2, dim=-1)
+        mse = ((noise - eps_hat) ** 2).mean(dim=-1)
+        # eps_hat is detached: the bound only teaches the variance, the mean is taught by the MSE.
+        return mse + self.vb_bits(x0, x_t, t, eps_hat.detach(), v)
+
+    def vb_bits(self, x0, x_t, t, eps_hat, v):
+        """Per-token variational-bound term in bits: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for
+        t > 0, the discretized decoder NLL at t = 0; averaged over channels."""
+        c = lambda name: getattr(self, "train_" + name)[t][:, None]
+        true_mean = c("post_mean_coef_x0") * x0 + c("post_mean_coef_xt") * x_t
+        model_mean, model_logvar = self._p_mean_logvar(x_t, eps_hat, v, c)
+        kl = normal_kl(true_mean, c("post_logvar_clipped"), model_mean, model_logvar).mean(dim=-1)
+        nll = discretized_gaussian_nll(x0, model_mean, 0.5 * model_logvar).mean(dim=-1)
+        return torch.where(t == 0, nll, kl) / math.log(2.0)
+
+    @staticmethod
+    def _p_mean_logvar(x_t, eps_hat, v, c):
+        """Mean and log-variance of the model's p(x_{t-1} | x_t); `c(name)` gives a coefficient at t.
+        Learned range: log sigma^2 interpolates between the posterior variance and beta_t."""
+        frac = (v + 1) / 2
+        logvar = frac * c("log_betas") + (1 - frac) * c("post_logvar_clipped")
+        x0_hat = c("sqrt_recip_abar") * x_t - c("sqrt_recipm1_abar") * eps_hat  # no clipping
+        return c("post_mean_coef_x0") * x0_hat + c("post_mean_coef_xt") * x_t, logvar
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
+        """Draw one token per row of z (N, Z) -> (N, C).
+
+        Classifier-free guidance (cfg other than the float 1.0): z stacks the conditional and the
+        unconditional conditions, z = [z_c; z_u] with N = 2B. Both halves share x_T and every step's
+        noise, so only B chains are run; eps = eps_u + cfg * (eps_c - eps_u) and the variance is the
+        conditional half's. The result repeats the B guided samples twice (N rows), as the released
+        code returns them; take the first half. `cfg` may be a float or a 0-dim tensor.
+        Temperature scales only the noise added at each step, not x_T (paper Sec. 3.3)."""
+        guided = not (isinstance(cfg, (int, float)) and cfg == 1.0)
+        self._check(z, guided=guided)
+        B = z.shape[0] // 2 if guided else z.shape[0]
+        steps = self.num_sampling_steps
+        # All randomness is drawn up front: one call, static shapes, no host work inside the loop.
+        noise = torch.randn(steps + 1, B, self.in_channels, device=z.device, generator=generator)
+        x = noise[steps]                                                   # x_T, (B, C)
+        for i in reversed(range(steps)):
+            c = lambda name: getattr(self, "sample_" + name)[i]             # 0-dim coefficient
+            t = self.sample_t[i].expand(z.shape[0])                        # ORIGINAL step index
+            out = self.net(torch.cat([x, x]) if guided else x, t, z).float()
+            eps_hat, v = out.chunk(2, dim=-1)
+            if guided:
+                (eps_c, eps_u), v = eps_hat.chunk(2), v[:B]
+                eps_hat = eps_u + cfg * (eps_c - eps_u)
+            mean, logvar = self._p_mean_logvar(x, eps_hat, v, c)
+            x = mean + (i > 0) * torch.exp(0.5 * logvar) * temperature * noise[i]  # no noise at t = 0
+        return torch.cat([x, x]) if guided else x
+
+    # -- input checks --------------------------------------------------------------------------
+
+    def _check(self, z, target=None, mask=None, guided=False):
+        if z.dim() != 2 or z.shape[1] != self.z_channels:
+            raise ValueError(f"DiffLoss: z must have shape (N, {self.z_channels}), got {tuple(z.shape)}")
+        if target is not None:
+            if target.dim() != 2 or target.shape[1] != self.in_channels:
+                raise ValueError(f"DiffLoss: target must have shape (N, {self.in_channels}) "
+                                 f"(one row per token), got {tuple(target.shape)}")
+            if target.shape[0] != z.shape[0]:
+                raise ValueError(f"DiffLoss: target has {target.shape[0]} rows but z has {z.shape[0]}; "
+                                 "give one z per target token")
+        if mask is not None and tuple(mask.shape) != (z.shape[0],):
+            raise ValueError(f"DiffLoss: mask must have shape ({z.shape[0]},), got {tuple(mask.shape)}")
+        if guided and z.shape[0] % 2:
+            raise ValueError(f"DiffLoss.sample with cfg needs z = [conditional; unconditional] with an "
+                             f"even number of rows, got {z.shape[0]}")
