@@ -5,16 +5,24 @@ Tests check math that can be derived (closed-form schedules and distributions), 
 (save/load, resume) and invariants (masking, causality, names of the released tensors). The reference
 name/shape lists of the released weights are kept as data in testdata/.
 """
+import argparse
+import gzip
+import io
 import math
 import os
+import time
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import diffloss
+import fid
+import tokenizer as T
 from diffloss import DiffLoss
+from mar import AR, MAR, build_model, cfg_scale, guess_model, load_checkpoint, mar_schedule, param_groups
 
 # One thread: the models under test are small, and on a 2-core machine torch's thread pool costs
 # more in synchronisation than it gains (measured: 19 s with 1 thread vs 287 s with 2 on the MAR tests).
@@ -22,18 +30,17 @@ torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def reference_shapes(name, prefix=""):
-    """{tensor name: shape} from a testdata/*.txt list (lines "name<TAB>[d0, d1]"), optionally only
-    the names under `prefix` (with the prefix removed)."""
-    out = {}
+def reference_list(name):
+    """[(tensor name, shape tuple)] in file order from a testdata/*.txt list ("name<TAB>[d0, d1]")."""
     with open(os.path.join(HERE, "testdata", name)) as f:
-        for line in f:
-            if line.startswith("#") or not line.strip():
-                continue
-            key, shape = line.rstrip("\n").split("\t")
-            if key.startswith(prefix):
-                out[key[len(prefix):]] = [int(d) for d in shape.strip("[]").split(",") if d.strip()]
-    return out
+        rows = [line.split("\t") for line in f.read().splitlines() if line and not line.startswith("#")]
+    return [(k, tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())) for k, shape in rows]
+
+
+def reference_param_count(name):
+    """The parameter count in a list's header line ("# mar_base: 364 tensors, 207924768 parameters")."""
+    with open(os.path.join(HERE, "testdata", name)) as f:
+        return int(f.readline().split(",")[1].split()[0])
 
 
 # ==============================================================================================
@@ -74,9 +81,9 @@ def test_sampler_feeds_original_step_indices():
 
 def test_diffloss_names_and_shapes_match_released_mar_base_head():
     head = DiffLoss(target_channels=16, z_channels=768, depth=6, width=1024)
-    ref = reference_shapes("mar_base.txt", prefix="diffloss.")
-    assert {k: list(v.shape) for k, v in head.state_dict().items()} == ref
-    assert list(head.state_dict()) == list(ref)  # same order as the released file, too
+    ref = [(k[len("diffloss."):], shape) for k, shape in reference_list("mar_base.txt")
+           if k.startswith("diffloss.")]
+    assert [(k, tuple(v.shape)) for k, v in head.state_dict().items()] == ref  # names, shapes, order
     assert callable(head.net) and head.net(torch.zeros(3, 16), torch.tensor([0, 5, 999]),
                                            torch.zeros(3, 768)).shape == (3, 32)
 
@@ -248,3 +255,898 @@ def test_diffloss_bad_inputs_say_what_was_expected():
         head.sample(torch.randn(5, 6), cfg=2.0)
     with pytest.raises(ValueError, match=r"num_sampling_steps must be in 1..1000"):
         DiffLoss(4, 6, depth=1, width=8, num_sampling_steps="0")
+
+# ==============================================================================================
+# MAR and causal AR (mar.py)
+
+SEQ, DIM, NCLS = 16, 4, 5
+TINY = dict(seq_len=SEQ, token_dim=DIM, num_classes=NCLS, num_sampling_steps="5")
+
+
+def tiny(name, seed=0, live_head=True, **kw):
+    """A tiny model in eval mode. The Diffusion Loss head starts with zero output layers, so its
+    samples would not depend on z at all; live_head re-draws its weights so that they do."""
+    torch.manual_seed(seed)
+    model = build_model(name, **{**TINY, **kw}).eval()
+    if live_head:
+        for p in model.diffloss.parameters():
+            if not p.any():                      # the zero-initialised adaLN / output layers
+                torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+# -- released names and shapes ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mar_base", "mar_large", "mar_huge"])
+def test_state_dict_matches_release(name):
+    num_params, entries = reference_param_count(name + ".txt"), reference_list(name + ".txt")
+    with torch.device("meta"):
+        model = build_model(name)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == entries
+    assert sum(p.numel() for p in model.parameters()) == num_params
+
+
+def test_guess_model_recognises_release_sizes():
+    for name in ("mar_base", "mar_large", "mar_huge"):
+        with torch.device("meta"):
+            sd = build_model(name).state_dict()
+        assert guess_model(sd) == (name, dict(seq_len=256, token_dim=16, num_classes=1000), 0)
+
+
+def test_build_model_rejects_unknown_name():
+    with pytest.raises(ValueError, match="valid names: .*mar_base"):
+        build_model("mar_gigantic")
+
+
+# -- MAR ----------------------------------------------------------------------------------------
+
+def test_masked_tokens_cannot_leak():
+    model = tiny("mar_tiny")
+    tokens, labels = torch.randn(3, SEQ, DIM), torch.tensor([0, 1, 2])
+    mask = torch.zeros(3, SEQ)
+    for b in range(3):
+        mask[b, torch.randperm(SEQ)[:10]] = 1
+    z = model.forward_z(tokens, mask, labels)
+    changed = torch.where(mask[..., None].bool(), torch.randn_like(tokens) * 100, tokens)
+    assert torch.equal(model.forward_z(changed, mask, labels), z)
+    # control: a known token does change z (everywhere, attention is bidirectional)
+    known = tokens.clone()
+    known[0, (mask[0] == 0).nonzero()[0, 0]] += 1.0
+    assert not torch.allclose(model.forward_z(known, mask, labels)[0], z[0])
+
+
+def test_mask_rows_must_hide_same_count():
+    model = tiny("mar_tiny")
+    mask = torch.zeros(2, SEQ)
+    mask[0, :3] = 1
+    with pytest.raises(ValueError, match="same number"):
+        model.forward_z(torch.randn(2, SEQ, DIM), mask, None)
+
+
+def test_training_mask_ratio_range():
+    model = tiny("mar_tiny", seq_len=256)
+    counts = {int(model.random_mask(2, "cpu").sum(1)[0]) for _ in range(200)}
+    assert min(counts) >= math.ceil(0.7 * 256) and max(counts) <= 256 and len(counts) > 10
+
+
+@pytest.mark.parametrize("seq,K", [(256, 64), (256, 256), (256, 1), (16, 4), (10, 3), (7, 7)])
+def test_schedule_cosine_rule(seq, K):
+    steps = mar_schedule(seq, K)
+    assert sum(n for _, n in steps) == seq and all(n >= 1 for _, n in steps)
+    still = seq
+    for k, (mask_len, n) in enumerate(steps):
+        expect = max(1, min(still - 1, math.floor(seq * math.cos(math.pi / 2 * (k + 1) / K))))
+        assert mask_len == expect
+        assert n == (still if k == K - 1 else still - expect)
+        still -= n
+    if K == seq:                                   # bidirectional AR: one token per step
+        assert all(n == 1 for _, n in steps)
+    assert mar_schedule(256, 64)[0] == (255, 1)    # floor(256 cos(pi/128)) = 255
+
+
+def test_cfg_scale_rule():
+    assert cfg_scale(3.0, "linear", 192, 256) == 1 + 2.0 * 64 / 256
+    assert cfg_scale(3.0, "linear", 256, 256) == 1.0
+    assert cfg_scale(3.0, "constant", 200, 256) == 3.0
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        cfg_scale(3.0, "cosine", 1, 2)
+    with pytest.raises(ValueError, match="num_iter"):
+        mar_schedule(16, 17)
+
+
+@pytest.mark.parametrize("cfg,schedule", [(1.0, "linear"), (2.5, "linear"), (2.5, "constant")])
+def test_sampler_predicts_each_token_once(cfg, schedule):
+    """Replace the head's sampler by one that records its calls and writes the step number."""
+    model, bsz, K = tiny("mar_tiny"), 3, 5
+    calls = []
+
+    def fake_sample(z, temperature, w, generator):
+        calls.append((z.shape[0], w))
+        return torch.full((z.shape[0], DIM), float(len(calls)))
+
+    model.diffloss.sample = fake_sample
+    out = model.sample_tokens(bsz, num_iter=K, cfg=cfg, cfg_schedule=schedule)
+    steps = mar_schedule(SEQ, K)
+    mul = 1 if cfg == 1.0 else 2                   # [cond; uncond] rows under CFG
+    assert [rows for rows, _ in calls] == [mul * bsz * n for _, n in steps]
+    expect_w = [1.0 if cfg == 1.0 else cfg_scale(cfg, schedule, m, SEQ) for m, _ in steps]
+    assert [w for _, w in calls] == pytest.approx(expect_w)
+    # every position was written, each step wrote exactly its count (so none twice)
+    step_of = out[..., 0]
+    assert (step_of >= 1).all()
+    for k, (_, n) in enumerate(steps):
+        assert ((step_of == k + 1).sum(1) == n).all()
+
+
+def test_mar_sampling_reproducible():
+    model = tiny("mar_tiny")
+    run = lambda seed, cfg: model.sample_tokens(2, num_iter=4, cfg=cfg, generator=torch.Generator().manual_seed(seed))
+    a = run(1, 2.0)
+    assert a.shape == (2, SEQ, DIM) and torch.isfinite(a).all()
+    assert torch.equal(a, run(1, 2.0))
+    assert not torch.allclose(a, run(2, 2.0))
+    assert torch.equal(run(3, 1.0), run(3, 1.0))
+
+
+def overfit(model, steps, lr):
+    """Train on 4 fixed sequences; return the loss before/after on fixed masks, t and noise."""
+    data, labels = torch.randn(4, SEQ, DIM), torch.arange(4)
+
+    def fixed_loss():
+        model.eval()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return sum(model(data, labels).item() for _ in range(4)) / 4
+
+    start = fixed_loss()
+    opt = torch.optim.AdamW(param_groups(model, 0.0), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(data, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return start, fixed_loss()
+
+
+@pytest.mark.parametrize("name", ["mar_tiny", "ar_tiny"])
+def test_tiny_model_overfits(name):
+    model = tiny(name, live_head=False, diffloss_w=64)  # the real init
+    start, end = overfit(model, steps=80, lr=5e-3)
+    # measured: MAR 1.00 -> 0.46 (0.30 after 250 steps), AR 1.03 -> 0.34
+    assert end < 0.6 * start, (start, end)
+
+
+def test_param_groups():
+    model = tiny("mar_tiny")
+    decay, no_decay = param_groups(model, 0.02)
+    assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+    ids = lambda ps: {id(p) for p in ps}
+    named = dict(model.named_parameters())
+    assert id(named["encoder_blocks.0.attn.qkv.weight"]) in ids(decay["params"])
+    assert id(named["fake_latent"]) in ids(decay["params"])                      # a (1, D) matrix
+    for k in ("encoder_blocks.0.attn.qkv.bias", "z_proj_ln.weight", "diffloss.net.input_proj.weight"):
+        assert id(named[k]) in ids(no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+
+
+# -- AR -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", ["raster", "random"])
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_ar_kv_cache_equals_recompute(order, cfg):
+    model = tiny("ar_tiny", order=order)
+    head_sample = model.diffloss.sample
+
+    def run(use_cache):
+        zs = []
+        def recording_sample(z, *args):             # keep every step's z, then sample as usual
+            zs.append(z)
+            return head_sample(z, *args)
+        model.diffloss.sample = recording_sample
+        out = model.sample_tokens(2, cfg=cfg, labels=torch.tensor([1, 3]), use_cache=use_cache,
+                                  generator=torch.Generator().manual_seed(7))
+        return out, torch.stack(zs)
+
+    (a, za), (b, zb) = run(True), run(False)
+    assert za.shape == (SEQ, 2 if cfg == 1.0 else 4, model.blocks[0].norm1.normalized_shape[0])
+    torch.testing.assert_close(za, zb, rtol=1e-4, atol=1e-4)
+    # the random head amplifies float differences; compare the tokens relative to their scale
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * a.abs().max().item())
+
+
+def test_ar_raster_is_causal():
+    model = tiny("ar_tiny")
+    tokens = torch.randn(2, SEQ, DIM, requires_grad=True)
+    z = model.forward_z(tokens, torch.tensor([0, 1]))              # z[:, i] conditions token i
+    for i in (0, 5, SEQ - 1):
+        # a random projection: z[:, i].sum() is constant (LayerNorm output sums to zero at init)
+        (grad,) = torch.autograd.grad((z[:, i] * torch.randn_like(z[:, i])).sum(), tokens, retain_graph=True)
+        used = grad.abs().sum(dim=(0, 2)) > 0                      # (SEQ,) which tokens z_i depends on
+        assert not used[i:].any()
+        assert used[:i].all()
+
+
+def test_ar_random_order_uses_the_order():
+    """Random order: z for the i-th generated token depends only on the tokens before it in the order."""
+    model = tiny("ar_tiny", order="random")
+    tokens = torch.randn(1, SEQ, DIM, requires_grad=True)
+    orders = torch.randperm(SEQ)[None]
+    z = model.forward_z(tokens, None, orders)
+    (grad,) = torch.autograd.grad((z[:, 6] * torch.randn_like(z[:, 6])).sum(), tokens)
+    used = grad.abs().sum(dim=(0, 2)) > 0
+    assert set(used.nonzero().flatten().tolist()) == set(orders[0, :6].tolist())
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+def test_load_train_format_roundtrip(tmp_path):
+    model = tiny("mar_tiny")
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict(), "model_ema": model.state_dict(), "config": model.config,
+                "args": {"lr": 1e-4}, "step": 3}, path)
+    loaded, ckpt = load_checkpoint(str(path))
+    assert isinstance(loaded, MAR) and not loaded.training and ckpt["step"] == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_load_released_format_infers_size(tmp_path):
+    """Released files: no config, an argparse.Namespace under "args"; the size comes from shapes."""
+    model = tiny("ar_tiny", order="random")
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": model.state_dict(), "model_ema": model.state_dict(), "epoch": 1,
+                "args": argparse.Namespace(model="ar_tiny", lr=1e-4)}, path)
+    loaded, _ = load_checkpoint(str(path), key="model")
+    assert isinstance(loaded, AR) and (loaded.seq_len, loaded.token_dim, loaded.num_classes) == (SEQ, DIM, NCLS)
+
+
+def test_load_mismatch_names_keys(tmp_path):
+    model = tiny("mar_tiny")
+    sd = model.state_dict()
+    sd["renamed.weight"] = sd.pop("z_proj.weight")
+    sd["decoder_norm.bias"] = torch.zeros(7)
+    path = tmp_path / "bad.pth"
+    torch.save({"model_ema": sd, "config": model.config}, path)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(str(path))
+    msg = str(err.value)
+    assert "missing keys: z_proj.weight" in msg and "unexpected keys: renamed.weight" in msg
+    assert "decoder_norm.bias" in msg and "look most like 'mar_tiny'" in msg
+    torch.save({"model_ema": sd}, path)          # no config: the closest size is named
+    with pytest.raises(ValueError, match="closest: 'mar_tiny'"):
+        load_checkpoint(str(path))
+
+
+def test_load_missing_entry(tmp_path):
+    path = tmp_path / "x.pth"
+    torch.save({"model": tiny("mar_tiny").state_dict()}, path)
+    with pytest.raises(ValueError, match=r"no state dict under 'model_ema' \(found: \['model'\]\)"):
+        load_checkpoint(str(path))
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(str(tmp_path / "missing.pth"))
+
+# ==============================================================================================
+# Tokenizers (tokenizer.py)
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    return T.AutoencoderKL(**T.VAE_CONFIGS["tiny"]).eval()
+
+
+# ---------------------------------------------------------------- autoencoder
+
+def test_kl16_names_and_shapes_match_reference():
+    with torch.device("meta"):  # no memory, no init cost
+        vae = T.AutoencoderKL(**T.VAE_CONFIGS["kl16"])
+    ours = [(k, tuple(v.shape)) for k, v in vae.state_dict().items()]
+    assert ours == reference_list("kl16_vae.txt")  # same names, shapes and order
+    assert sum(p.numel() for p in vae.parameters()) == 66456019  # count in the reference header
+
+
+@pytest.mark.parametrize("size", [256, 64])
+def test_kl16_encode_decode_shapes(size):
+    with torch.device("meta"):  # the full model on CPU takes ~10 s per image: shapes via meta tensors
+        vae = T.AutoencoderKL(**T.VAE_CONFIGS["kl16"])
+        post = vae.encode(torch.empty(2, 3, size, size))
+        out = vae.decode(post.sample())
+    assert post.mean.shape == post.logvar.shape == (2, 16, size // 16, size // 16)
+    assert out.shape == (2, 3, size, size)
+
+
+def test_kl8_config_shapes():
+    with torch.device("meta"):
+        vae = T.AutoencoderKL(**T.VAE_CONFIGS["kl8"])
+        post = vae.encode(torch.empty(1, 3, 256, 256))
+    assert post.mean.shape == (1, 4, 32, 32)
+    assert vae.quant_conv.weight.shape == (8, 8, 1, 1) and not any(".attn." in k for k in vae.state_dict())
+    tok = T.KLTokenizer(vae, 256, patch_size=2)
+    assert (tok.seq_len, tok.token_dim) == (256, 16)  # paper Table 2: KL-8 with 2x2 grouping
+
+
+@pytest.mark.parametrize("size", [64, 32])
+def test_tiny_vae_runs_on_cpu(size):
+    vae = tiny_vae()
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    t0 = time.time()
+    with torch.no_grad():
+        post = vae.encode(x)
+        out = vae.decode(post.sample(torch.Generator().manual_seed(0)))
+    assert time.time() - t0 < 20
+    assert post.mean.shape == (2, 4, size // 2, size // 2) and out.shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+def test_attention_block_math():
+    """LDM's attention: softmax over keys of q.k / sqrt(C), then proj_out, plus the residual."""
+    torch.manual_seed(0)
+    blk = T.AttnBlock(32)
+    x = torch.randn(2, 32, 3, 5)
+    y = blk.norm(x)
+    q, k, v = (m(y).flatten(2) for m in (blk.q, blk.k, blk.v))                  # (B, C, HW)
+    w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / 32 ** 0.5, dim=-1)   # (B, HW, HW)
+    out = torch.einsum("bij,bcj->bci", w, v).reshape(2, 32, 3, 5)
+    assert torch.allclose(blk(x), x + blk.proj_out(out), atol=1e-5)
+
+
+def test_posterior_logvar_clamp_and_sampling():
+    mean = torch.randn(1, 3, 2, 2)
+    logvar = torch.tensor([-100.0, 100.0, 0.5]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    post = T.DiagonalGaussian(torch.cat([mean, logvar], 1))
+    assert torch.equal(post.logvar[0, :, 0, 0], torch.tensor([-30.0, 20.0, 0.5]))
+    assert torch.isfinite(post.std).all() and torch.equal(post.mode(), mean)
+    assert torch.equal(post.moments, torch.cat([mean, post.logvar], 1))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(post.sample(g1), post.sample(g2))  # the generator drives the draw
+    # sample = mean + std * eps: empirical std over many draws matches exp(logvar / 2)
+    wide = T.DiagonalGaussian(torch.tensor([[1.0, 2 * np.log(0.5)]]).view(1, 2, 1, 1).expand(4000, 2, 1, 1))
+    s = wide.sample(torch.Generator().manual_seed(0))
+    assert abs(s.mean().item() - 1.0) < 0.05 and abs(s.std().item() - 0.5) < 0.05
+
+
+def test_vae_checkpoint_round_trip_and_mismatch(tmp_path):
+    vae = tiny_vae(seed=1)
+    path = str(tmp_path / "vae.ckpt")
+    torch.save({"model": vae.state_dict()}, path)
+    loaded = T.load_vae(path, "tiny")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(loaded.encode(x).mode()), vae.decode(vae.encode(x).mode()))
+    with pytest.raises(ValueError, match=r"shape mismatches.*quant_conv"):
+        T.load_vae(path, "tiny", embed_dim=8)
+    with pytest.raises(ValueError, match=r"missing keys"):
+        T.load_vae(path, "tiny", num_res_blocks=2)
+    torch.save(vae.state_dict(), str(tmp_path / "raw.ckpt"))
+    with pytest.raises(ValueError, match="'model'"):
+        T.load_vae(str(tmp_path / "raw.ckpt"), "tiny")
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        T.load_vae(str(tmp_path / "nope.ckpt"))
+    with pytest.raises(ValueError, match="unknown VAE config"):
+        T.load_vae(path, "kl32")
+
+
+# ---------------------------------------------------------------- tokens
+
+def test_patchify_token_order_follows_facts():
+    b, c, h, w, p = 2, 3, 8, 12, 2
+    x = torch.arange(b * c * h * w, dtype=torch.float32).reshape(b, c, h, w)
+    tok = T.patchify(x, p)
+    assert tok.shape == (b, (h // p) * (w // p), c * p * p)
+    for n in range(b):
+        for i in range(h // p):
+            for j in range(w // p):
+                for ci in range(c):
+                    for r in range(p):
+                        for q in range(p):
+                            # sequence row-major over the grid; features in (c, p_row, p_col) order
+                            assert tok[n, i * (w // p) + j, ci * p * p + r * p + q] == x[n, ci, i * p + r, j * p + q]
+    assert torch.equal(T.unpatchify(tok, p, c, h, w), x)
+    with pytest.raises(ValueError, match="divisible"):
+        T.patchify(x, 5)
+
+
+@pytest.mark.parametrize("channels,size,p", [(1, 28, 2), (3, 32, 4), (3, 16, 1)])
+def test_pixel_tokenizer_round_trip_exact(channels, size, p):
+    tok = T.PixelTokenizer(size, channels, p)
+    u8 = torch.randint(0, 256, (3, channels, size, size), dtype=torch.uint8)
+    images = u8.float() / 127.5 - 1
+    tokens = tok.encode(images)
+    assert tokens.shape == (3, tok.seq_len, tok.token_dim) == (3, (size // p) ** 2, channels * p * p)
+    back = tok.decode(tokens)
+    assert torch.equal(back, images)
+    assert torch.equal(((back + 1) * 127.5).round().to(torch.uint8), u8)
+    assert T.build_tokenizer(tok.config()).config() == tok.config()
+    with pytest.raises(ValueError, match="expects images"):
+        tok.encode(images[:, :, :-1])
+
+
+def test_kl_tokenizer_scale_and_config(tmp_path):
+    vae = tiny_vae()
+    tok = T.KLTokenizer(vae, 32, patch_size=2)
+    assert (tok.seq_len, tok.token_dim, tok.scale) == (64, 16, 0.2325)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    tokens = tok.encode(x, generator=g)
+    assert tokens.shape == (2, 64, 16)
+    with torch.no_grad():
+        post = vae.encode(x)
+        expect = T.patchify(post.sample(torch.Generator().manual_seed(0)) * 0.2325, 2)
+        assert torch.allclose(tokens, expect, atol=1e-6)  # training tokens: a posterior *sample* x 0.2325
+        images = tok.decode(tokens)
+        raw = vae.decode(T.unpatchify(tokens / 0.2325, 2, 4, 16, 16))  # decoding divides by the scale first
+    assert images.shape == x.shape and torch.equal(images, raw.clamp(-1, 1))
+    # config round trip: the weights come from the VAE file
+    path = str(tmp_path / "vae.ckpt")
+    torch.save({"model": vae.state_dict()}, path)
+    rebuilt = T.build_tokenizer(tok.config(), vae_path=path)
+    assert rebuilt.config() == tok.config()
+    assert torch.equal(rebuilt.decode(tokens), images)
+    with pytest.raises(ValueError, match="vae_path"):
+        T.build_tokenizer(tok.config())
+    with pytest.raises(ValueError, match="divisible"):
+        T.KLTokenizer(vae, 30, patch_size=2)
+
+
+# ---------------------------------------------------------------- image data and the latent cache
+
+def write_png(path, array):
+    from PIL import Image
+    Image.fromarray(array).save(path)
+
+
+def make_folder(root, per_class=3, seed=0):
+    """root/<class>/img_k.png, sizes differ (exercise the center crop); returns the sorted paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for cls in ("cat", "dog"):
+        os.makedirs(os.path.join(root, cls))
+        for k in range(per_class):
+            path = os.path.join(root, cls, f"img_{k}.png")
+            write_png(path, rng.integers(0, 256, (40 + 7 * k, 36 + 5 * k, 3), dtype=np.uint8))
+            paths.append(path)
+    return paths
+
+
+def test_adm_center_crop():
+    from PIL import Image
+    arr = np.zeros((120, 300, 3), dtype=np.uint8)
+    arr[:, :150] = (200, 10, 10)  # left half red, right half blue
+    arr[:, 150:] = (10, 10, 200)
+    out = T.center_crop_adm(Image.fromarray(arr), 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    # 300x120 -> BOX halve once (min side 120 >= 64) -> 150x60 -> bicubic to 80x32 -> central 32 columns
+    assert (out[:, 2, 0] > 150).all() and (out[:, -3, 2] > 150).all()
+    flat = T.center_crop_adm(Image.fromarray(np.full((50, 70, 3), 77, np.uint8)), 16)
+    assert (flat == 77).all()
+
+
+def test_image_folder_and_errors(tmp_path):
+    paths = make_folder(str(tmp_path / "data"))
+    ds = T.ImageFolder(str(tmp_path / "data"), 32)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 6 and not ds.skipped
+    x, y = ds[4]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
+    assert -1 <= x.min() and x.max() <= 1
+    assert [p for p, _ in ds.samples] == paths
+    with pytest.raises(FileNotFoundError, match="missing_dir"):
+        T.ImageFolder(str(tmp_path / "missing_dir"), 32)
+
+
+def test_corrupt_image_reported_and_skipped(tmp_path, capsys):
+    from PIL import Image
+    root = str(tmp_path / "data")
+    good = make_folder(root)
+    garbage = os.path.join(root, "cat", "garbage.jpg")
+    open(garbage, "wb").write(os.urandom(500))
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf, "PNG")
+    truncated_png = os.path.join(root, "dog", "half.png")
+    open(truncated_png, "wb").write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    open(os.path.join(root, "dog", "notes.txt"), "w").write("not an image")  # ignored: not an image name
+    ds = T.ImageFolder(root, 32)
+    out = capsys.readouterr().out
+    assert garbage in out and truncated_png in out and "skipped 2" in out
+    assert sorted(p for p, _ in ds.skipped) == sorted([garbage, truncated_png])
+    assert sorted(p for p, _ in ds.samples) == sorted(good)  # nothing else lost
+    assert all(ds[i][0].shape == (3, 32, 32) for i in range(len(ds)))
+
+    # a JPEG whose header is fine but whose body is cut passes the up-front check; reading it reports
+    # the file and gives the next image instead of killing the run
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    cut_jpeg = os.path.join(root, "cat", "img_0a.jpg")  # sorts right after img_0.png
+    open(cut_jpeg, "wb").write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    ds = T.ImageFolder(root, 32)
+    i = [p for p, _ in ds.samples].index(cut_jpeg)
+    x, y = ds[i]
+    assert cut_jpeg in capsys.readouterr().out and ds.skipped[-1][0] == cut_jpeg
+    assert torch.equal(x, ds[i + 1][0]) and y == ds[i + 1][1]
+
+
+def test_cache_latents_and_cached_reads(tmp_path):
+    root, cache = str(tmp_path / "data"), str(tmp_path / "cache")
+    make_folder(root)
+    ds = T.ImageFolder(root, 32)
+    vae = tiny_vae()
+    assert T.cache_latents(ds, vae, cache, batch_size=4) == 6  # 4 + a partial batch of 2
+    moments = np.load(os.path.join(cache, "moments.npy"), mmap_mode="r")
+    labels = np.load(os.path.join(cache, "labels.npy"))
+    assert moments.shape == (6, 2, 8, 16, 16) and moments.dtype == np.float32
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert not os.path.exists(os.path.join(cache, "moments.partial.npy"))
+    with torch.no_grad():
+        for i in range(6):
+            x = ds[i][0][None]
+            assert np.allclose(moments[i, 0], vae.encode(x).moments[0].numpy(), atol=1e-5)
+            assert np.allclose(moments[i, 1], vae.encode(x.flip(-1)).moments[0].numpy(), atol=1e-5)
+
+    cached = T.CachedLatents(cache, generator=torch.Generator().manual_seed(0))
+    assert len(cached) == 6 and cached.num_classes == 2
+    m, y = cached[5]
+    assert m.shape == (8, 16, 16) and m.dtype == torch.float32 and y == 1
+    flips = []
+    for _ in range(400):
+        for i in range(6):
+            m, _ = cached[i]
+            is_flip = np.array_equal(m.numpy(), moments[i, 1])
+            assert is_flip or np.array_equal(m.numpy(), moments[i, 0])
+            flips.append(is_flip)
+    assert 0.45 < np.mean(flips) < 0.55  # 2400 draws: ~50% flips
+    # the same generator seed gives the same flips (torch RNG, not numpy's global state)
+    a = T.CachedLatents(cache, generator=torch.Generator().manual_seed(7))
+    b = T.CachedLatents(cache, generator=torch.Generator().manual_seed(7))
+    assert all(torch.equal(a[i % 6][0], b[i % 6][0]) for i in range(30))
+    # training step: a batch of moments -> sampled, scaled tokens
+    batch, _ = next(iter(torch.utils.data.DataLoader(cached, batch_size=4)))
+    tokens = T.KLTokenizer(vae, 32).tokens_from_moments(batch)
+    assert tokens.shape == (4, 256, 4)
+    with pytest.raises(FileNotFoundError, match="moments.npy"):
+        T.CachedLatents(str(tmp_path / "nocache"))
+
+
+# ---------------------------------------------------------------- arrays and Fashion-MNIST
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">i4").tobytes()
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 0, 9, 1, 1], dtype=np.uint8)
+    write_idx(str(tmp_path / "t10k-images-idx3-ubyte.gz"), images)  # gzipped
+    write_idx(str(tmp_path / "t10k-labels-idx1-ubyte"), labels)      # plain
+    ds = T.load_fashion_mnist(str(tmp_path), "test")
+    assert len(ds) == 5 and ds.num_classes == 10 and (ds.image_size, ds.channels) == (28, 1)
+    x, y = ds[2]
+    assert x.shape == (1, 28, 28) and y == 9
+    assert torch.equal(x[0], torch.from_numpy(images[2]).float() / 127.5 - 1)
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        T.load_fashion_mnist(str(tmp_path), "train")
+    open(tmp_path / "bad-idx", "wb").write(b"\x00\x00\x0d\x01\x00\x00\x00\x01" + b"\x00" * 4)
+    with pytest.raises(ValueError, match="not a uint8 idx"):
+        T.read_idx(str(tmp_path / "bad-idx"))
+    write_idx(str(tmp_path / "short-idx"), labels)
+    open(tmp_path / "short-idx", "ab").write(b"\x01")
+    with pytest.raises(ValueError, match="truncated"):
+        T.read_idx(str(tmp_path / "short-idx"))
+
+
+def test_array_dataset():
+    gray = np.array([[[0, 255], [128, 0]]], dtype=np.uint8)  # (1, 2, 2)
+    x, y = T.ArrayDataset(gray)[0]
+    assert x.shape == (1, 2, 2) and y == 0
+    assert x[0, 0, 0] == -1 and x[0, 0, 1] == 1
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    ds = T.ArrayDataset(rgb, [0, 1, 2, 1])
+    assert ds[1][0].shape == (3, 8, 8) and ds[2][1] == 2 and ds.num_classes == 3
+    assert torch.equal(ds[3][0], torch.from_numpy(rgb[3]).permute(2, 0, 1).float() / 127.5 - 1)
+    with pytest.raises(ValueError, match="uint8"):
+        T.ArrayDataset(rgb.astype(np.float32))
+    with pytest.raises(ValueError, match="labels"):
+        T.ArrayDataset(rgb, [0, 1])
+
+# ==============================================================================================
+# FID and Inception Score (fid.py)
+
+# ---------------------------------------------------------------- Frechet distance / matrix sqrt
+def random_spd(rng, d, cond):
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (q * np.logspace(0, -math.log10(cond), d)) @ q.T
+
+
+def test_fid_two_gaussians_closed_form():
+    rng = np.random.default_rng(0)
+    # Commuting covariances (shared eigenvectors): FID = |dmu|^2 + sum (sqrt(a) - sqrt(b))^2.
+    d = 16
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = fid.frechet_distance(mu1, (q * a) @ q.T, mu2, (q * b) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-10)
+    # Non-commuting 2x2: eigenvalues l1, l2 of S1 S2 give Tr sqrt = sqrt(l1 + l2 + 2 sqrt(l1 l2)).
+    s1, s2 = np.array([[2.0, 0.7], [0.7, 1.0]]), np.array([[0.5, -0.2], [-0.2, 3.0]])
+    tr_sqrt = math.sqrt(np.trace(s1 @ s2) + 2 * math.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    expected = 1.0 ** 2 + 2.0 ** 2 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert fid.frechet_distance([0, 0], s1, [1, 2], s2) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [500, 50])  # full-rank and rank-deficient covariance (N < D)
+def test_fid_of_a_set_with_itself_is_zero(n):
+    d = 128
+    feats = np.random.default_rng(1).standard_normal((n, d)) * 3 + 1
+    mu, sigma = fid.feature_statistics(feats)
+    centered = feats - feats.mean(0)
+    np.testing.assert_allclose(sigma, centered.T @ centered / (n - 1), rtol=1e-12, atol=1e-12)  # unbiased
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    assert fid.frechet_distance(mu, sigma, mu + 0.1, sigma) == pytest.approx(d * 0.01, rel=1e-6)
+
+
+@pytest.mark.parametrize("cond", [10.0, 1e6, 1e12])
+def test_matrix_sqrt_against_eigendecomposition(cond):
+    rng = np.random.default_rng(int(math.log10(cond)))
+    d = 64
+    s1, s2 = random_spd(rng, d, cond), random_spd(rng, d, cond)
+    f = fid.psd_factor(s1)
+    np.testing.assert_allclose(f @ f.T, s1, atol=1e-12)
+    rel = 1e-9 if cond < 1e8 else 1e-6  # sqrt of eigenvalues near 1e-12 * |S| carry ~1e-4 relative error
+    # Reference: the eigenvalues of the (non-symmetric) product from a general eigensolver.
+    reference = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum()
+    assert fid.trace_sqrt_product(s1, s2) == pytest.approx(reference, rel=rel)
+    # Shared eigenvectors: the square root is known exactly.
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a, b = np.logspace(0, -math.log10(cond), d), rng.permutation(np.logspace(0, -math.log10(cond), d))
+    assert fid.trace_sqrt_product((q * a) @ q.T, (q * b) @ q.T) == pytest.approx(np.sqrt(a * b).sum(), rel=rel)
+
+
+def test_frechet_distance_rejects_mismatched_statistics():
+    with pytest.raises(ValueError, match="statistics do not match"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ---------------------------------------------------------------- TF-1.x resize
+def tf1_resize_loop(img, out_h, out_w):
+    """Direct TF-1.x bilinear (align_corners=False, no half-pixel centers), one pixel at a time."""
+    h, w = img.shape
+    sy, sx = np.float32(h / out_h), np.float32(w / out_w)  # TF computes the scale in float32
+    out = np.zeros((out_h, out_w))
+    for i in range(out_h):
+        y = np.float32(i) * sy
+        y0 = int(np.floor(y))
+        y1, dy = min(y0 + 1, h - 1), float(y) - y0
+        for j in range(out_w):
+            x = np.float32(j) * sx
+            x0 = int(np.floor(x))
+            x1, dx = min(x0 + 1, w - 1), float(x) - x0
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * dx
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * dx
+            out[i, j] = top + (bottom - top) * dy
+    return out
+
+
+@pytest.mark.parametrize("in_hw,size", [((7, 11), 13), ((40, 33), 9), ((20, 13), 299), ((301, 300), 299)])
+def test_resize_matches_tf1_rule(in_hw, size):
+    img = torch.randint(0, 256, (1, 1) + in_hw).float()
+    got = fid.tf1_resize(img, size)[0, 0].numpy()
+    np.testing.assert_allclose(got, tf1_resize_loop(img[0, 0].double().numpy(), size, size), atol=1e-3)
+
+
+def test_resize_is_identity_at_299():
+    img = torch.randint(0, 256, (2, 3, 299, 299)).float()
+    assert torch.equal(fid.tf1_resize(img, 299), img)
+    lo, hi, frac = fid.tf1_sample_points(50, 50)  # the rule itself gives the identity too
+    assert torch.equal(lo, torch.arange(50)) and not frac.any()
+
+
+# ---------------------------------------------------------------- Inception Score
+def test_inception_score_identical_predictions_is_one():
+    logits = np.tile(np.random.default_rng(0).standard_normal(1008), (100, 1))
+    mean, std = fid.inception_score(logits)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_uniform_confident_is_num_classes():
+    k = 8
+    logits = 60.0 * np.eye(k)[np.arange(10 * k) % k]  # every class equally often, each near one-hot
+    mean, _ = fid.inception_score(logits, splits=1)
+    assert mean == pytest.approx(k, rel=1e-9)
+
+
+def test_inception_score_shuffle_and_splits():
+    # Confident predictions, first half class 0, second half class 1. Within a split, IS = exp(H(q))
+    # with q the class frequencies of the split, which the fixed RandomState(2020) shuffle decides.
+    n, splits = 100, 10
+    labels = (np.arange(n) >= n // 2).astype(int)
+    logits = 60.0 * np.eye(3)[labels]
+    shuffled = labels[np.random.RandomState(2020).permutation(n)]
+    expected = []
+    for k in range(splits):
+        q = shuffled[k * n // splits:(k + 1) * n // splits].mean()
+        expected.append(math.exp(-sum(p * math.log(p) for p in (q, 1 - q) if p > 0)))
+    mean, std = fid.inception_score(logits, splits)
+    assert mean == pytest.approx(np.mean(expected), rel=1e-9)
+    assert std == pytest.approx(np.std(expected), rel=1e-6)
+    assert std > 0  # the splits really differ
+
+
+def test_inception_score_without_classifier_raises():
+    with pytest.raises(ValueError, match="classifier"):
+        fid.inception_score(None)
+
+
+# ---------------------------------------------------------------- Inception network
+def random_inception(classifier=True):
+    torch.manual_seed(0)
+    model = fid.FIDInceptionV3(classifier)
+    for m in model.modules():  # He init + varied BN statistics, so activations keep a useful scale
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2)
+            m.bias.data.uniform_(-0.1, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    """Random-weight Inception saved in torch-fidelity's layout and reloaded strictly, with its
+    outputs on two 32x32 images (the second one gray)."""
+    path = str(tmp_path_factory.mktemp("inception") / "inception.pth")
+    state = random_inception().state_dict()
+    torch.save(state, path)
+    model = fid.load_inception(path, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    images[1] = images[1, :1]  # gray image stored as RGB
+    seen = {}
+    hook = model.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, args: seen.update(net_input=args[0].clone()))
+    features, logits = model(images)
+    hook.remove()
+    return dict(path=path, state=state, model=model, images=images, features=features, logits=logits, **seen)
+
+
+def test_inception_names_shapes_and_outputs(inception):
+    names = [(k, str(list(v.shape))) for k, v in inception["state"].items()]
+    assert names == [(k, str(list(s))) for k, s in reference_list("inception_fid_torch_fidelity.txt")]  # same names, shapes and order as torch-fidelity's file
+    assert inception["features"].shape == (2, 2048) and inception["logits"].shape == (2, 1008)
+    assert torch.isfinite(inception["features"]).all() and inception["features"].std() > 1e-3
+    # logits are bias-free (torch-fidelity's "logits_unbiased", what IS uses)
+    fc = inception["model"].fc
+    torch.testing.assert_close(inception["logits"], inception["features"] @ fc.weight.T)
+    assert fc.bias.abs().sum() > 0
+
+
+def test_preprocessing_and_tf_graph_details(inception):
+    """What the weights file cannot check: the network input is (TF-1.x resize(x) - 128) / 128, BN eps
+    is TF's 1e-3, and the pool branches use TF's pools (average ignoring padding; max in Mixed_7c)."""
+    expected = (fid.tf1_resize(inception["images"].float(), 299) - 128) / 128
+    torch.testing.assert_close(inception["net_input"], expected)
+    model = inception["model"]
+    assert all(m.eps == 1e-3 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert model.Mixed_7b.pool == "avg" and model.Mixed_7c.pool == "max"
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert fid.pool3x3(x, "avg")[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4  # corner: mean of 4 real cells, not /9
+    assert fid.pool3x3(x, "max")[0, 0, 0, 0] == 5
+
+
+def test_batching_grayscale_and_file_without_classifier(inception, tmp_path):
+    """A file without fc.* loads (FID only) and gives the same features in batches of 1, with the
+    gray image passed as one channel; IS then raises the clear error."""
+    path = str(tmp_path / "no_fc.pth")
+    torch.save({k: v for k, v in inception["state"].items() if not k.startswith("fc.")}, path)
+    model = fid.load_inception(path, "cpu")
+    assert model.fc is None
+    nhwc = inception["images"].permute(0, 2, 3, 1).numpy()
+    batches = [nhwc[:1], nhwc[1:, :, :, :1]]  # (1, 32, 32, 3), then (1, 32, 32, 1)
+    features, logits = fid.extract_features(model, batches, progress=False)
+    assert features.dtype == np.float64 and logits is None
+    np.testing.assert_allclose(features, inception["features"].double().numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="classifier"):
+        fid.inception_score(logits)
+
+
+def test_wrong_checkpoint_gives_clear_error(inception, tmp_path):
+    state = dict(inception["state"])
+    state["Mixed_5b.branch1x1.conv.weights"] = state.pop("Mixed_5b.branch1x1.conv.weight")
+    state["Mixed_6b.branch7x7_2.conv.weight"] = torch.zeros(128, 128, 7, 1)  # transposed kernel
+    path = str(tmp_path / "bad.pth")
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="FID Inception") as err:
+        fid.load_inception(path, "cpu")
+    for part in ("missing", "unexpected", "shape", "Mixed_5b.branch1x1.conv.weight", "Mixed_6b.branch7x7_2"):
+        assert part in str(err.value)
+    with pytest.raises(FileNotFoundError):
+        fid.load_inception(str(tmp_path / "nope.pth"), "cpu")
+
+
+def test_inception_rejects_float_input(inception):
+    with pytest.raises(ValueError, match="uint8"):
+        inception["model"](torch.zeros(1, 3, 32, 32))
+
+
+# ---------------------------------------------------------------- inputs and statistics files
+def test_image_sources_npz_folder_array(tmp_path):
+    from PIL import Image
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    images[3] = images[3, :, :, :1]  # a gray one
+    np.savez(tmp_path / "a.npz", images)
+    np.savez_compressed(tmp_path / "b.npz", arr_0=images)
+    os.makedirs(tmp_path / "png")
+    for i, im in enumerate(images):
+        (Image.fromarray(im[:, :, 0], "L") if i == 3 else Image.fromarray(im)).save(tmp_path / "png" / f"{i:03d}.png")
+    for source in (images, str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), str(tmp_path / "png")):
+        batches = list(fid.iter_images(source, batch_size=2))
+        assert [len(b) for b in batches] == [2, 2, 1]
+        np.testing.assert_array_equal(np.concatenate(batches), images)
+    gray = list(fid.iter_images(images[:, :, :, 0], 5))[0]  # (N, H, W) -> (N, H, W, 1)
+    assert gray.shape == (5, 6, 7, 1)
+
+
+def test_bad_image_inputs(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        list(fid.iter_images(np.zeros((2, 8, 8, 3), np.float32)))
+    with pytest.raises(ValueError, match="NCHW"):
+        list(fid.iter_images(np.zeros((2, 3, 8, 8), np.uint8)))
+    with pytest.raises(FileNotFoundError):
+        list(fid.iter_images(str(tmp_path / "missing.npz")))
+    np.savez(tmp_path / "f.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        list(fid.iter_images(str(tmp_path / "f.npz")))
+    np.savez(tmp_path / "s.npz", mu=np.zeros(3), sigma=np.eye(3))
+    with pytest.raises(ValueError, match="arr_0"):
+        list(fid.iter_images(str(tmp_path / "s.npz")))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no .png"):
+        list(fid.iter_images(str(tmp_path / "empty")))
+
+
+def test_statistics_files_and_evaluate(tmp_path):
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.standard_normal(8), rng.standard_normal(8)
+    s1, s2 = random_spd(rng, 8, 10), random_spd(rng, 8, 100)
+    fid.save_statistics(str(tmp_path / "a.npz"), mu1, s1)
+    fid.save_statistics(str(tmp_path / "b.npz"), mu2, s2)
+    mu, sigma = fid.load_statistics(str(tmp_path / "a.npz"))
+    assert mu.dtype == np.float64 and np.array_equal(mu, mu1) and np.array_equal(sigma, s1)
+    result = fid.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), progress=False)
+    assert result["fid"] == pytest.approx(fid.frechet_distance(mu1, s1, mu2, s2), rel=1e-12)
+    assert result["is_mean"] is None
+    with pytest.raises(ValueError, match="Inception weights"):
+        fid.evaluate(np.zeros((4, 8, 8, 3), np.uint8), str(tmp_path / "b.npz"))
+    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+        np.savez(tmp_path / "c.npz", mean=mu1)
+        fid.load_statistics(str(tmp_path / "c.npz"))
+
+
+def test_evaluate_end_to_end_with_stub_network(tmp_path):
+    """The plumbing train.py / sample.py use: arrays in, statistics file out, FID and IS back.
+    A tiny stand-in network keeps it fast; the real one is tested above."""
+    class Stub(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 6, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):  # uint8 (N, C, H, W) -> features (N, 6), logits (N, 4)
+            f = x.float().mean((2, 3)) @ self.w
+            return f, f[:, :4]
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (30, 5, 5, 3), dtype=np.uint8)
+    b = rng.integers(0, 200, (20, 7, 7, 3), dtype=np.uint8)
+    model = Stub()
+    result = fid.evaluate(a, b, model, batch_size=7, save_stats=str(tmp_path / "a_stats"), progress=False)
+    fa, la = model(torch.from_numpy(a).permute(0, 3, 1, 2))
+    fb, _ = model(torch.from_numpy(b).permute(0, 3, 1, 2))
+    mu_a, s_a = fid.feature_statistics(fa.double().detach().numpy())
+    mu_b, s_b = fid.feature_statistics(fb.double().detach().numpy())
+    assert result["fid"] == pytest.approx(fid.frechet_distance(mu_a, s_a, mu_b, s_b), rel=1e-6)
+    assert result["is_mean"] == pytest.approx(fid.inception_score(la.double().detach().numpy())[0], rel=1e-6)
+    assert result["stats_path"] == str(tmp_path / "a_stats.npz")
+    again = fid.evaluate(a, result["stats_path"], model, progress=False)
+    assert abs(again["fid"]) < 1e-6

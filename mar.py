@@ -1,0 +1,566 @@
+"""
+MAR and causal AR generators over continuous tokens (paper: "Autoregressive Image Generation without
+Vector Quantization", Li et al. 2024).
+
+Both models turn the tokens known so far into one condition vector z per token to predict, and a
+per-token Diffusion Loss head (diffloss.py) models p(x | z) (Sec. 3). They differ only in how z is
+computed, which is the paper's "generalized autoregressive" view (Sec. 3.4-3.5, Table 1):
+
+  MAR  bidirectional attention, MAE-style encoder on the known tokens + decoder with mask tokens;
+       predicts a *set* of random-order tokens per step (num_iter = seq_len: one token per step).
+  AR   decoder-only causal Transformer, class token first, teacher forcing, one token per step,
+       raster or random order, KV cache at inference.
+
+`MAR` has exactly the parameter names and shapes of the released MAR-B/L/H checkpoints, so
+
+    model, ckpt = load_checkpoint("checkpoint-last.pth")          # released or train.py file
+    tokens = model.sample_tokens(bsz=8, num_iter=64, cfg=2.9, labels=torch.arange(8))
+
+gives (8, 256, 16) KL-16 tokens for tokenizer.py to decode. Sizes live in one table, `MODELS`, built
+with `build_model(name, **overrides)`; `param_groups` is the paper's weight-decay split for train.py.
+Tests: `python -m pytest test_all.py -q` (CPU, tiny configs).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from diffloss import DiffLoss
+from tokenizer import load_state_dict_strict, torch_load
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer block (ViT / timm layout, so the released `*_blocks.N.attn.qkv` names load).
+
+class Attention(nn.Module):
+    """Multi-head self-attention, optionally causal, optionally with a KV cache (AR inference)."""
+
+    def __init__(self, dim, num_heads, attn_drop, proj_drop):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.attn_drop = num_heads, attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, causal=False, cache=None):
+        """x (B, L, D). `cache` (AR inference only): a dict holding this layer's past keys/values,
+        extended in place; the L new queries then sit after the P cached positions."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        mask, is_causal = None, causal                                 # q, k, v: (B, H, L, D/H)
+        if cache is not None:
+            if "k" in cache:
+                P = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                # SDPA's is_causal aligns the mask top-left; with P cached keys query i may see
+                # keys 0..P+i, i.e. a bottom-right aligned mask (all-True for a single query).
+                if causal:
+                    is_causal = False
+                    mask = torch.ones(L, P + L, dtype=torch.bool, device=x.device).tril(P) if L > 1 else None
+            cache["k"], cache["v"] = k, v
+        # SDPA picks flash / memory-efficient kernels on GPUs.
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, L, D)                         # (B, L, D)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, drop):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)  # timm's Mlp applies proj_drop after the activation and after fc2
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))    # exact (erf) GELU
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm ViT block (FACTS "ViT block"): x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_drop, proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+
+    def forward(self, x, causal=False, cache=None):
+        x = x + self.attn(self.norm1(x), causal, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+def run_blocks(blocks, x, grad_checkpointing, causal=False, caches=None):
+    """Apply a stack of blocks; with gradient checkpointing, activations are recomputed in the
+    backward pass (saves memory for MAR-L/H; non-reentrant checkpointing replays dropout's RNG)."""
+    for i, blk in enumerate(blocks):
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, x, causal, use_reentrant=False)
+        else:
+            x = blk(x, causal, None if caches is None else caches[i])
+    return x
+
+
+def init_transformer_weights(model):
+    """FACTS "Init": xavier-uniform linears with zero bias, LayerNorm (1, 0). The DiffLoss head is
+    skipped: it keeps its own init (zero adaLN and output layers, so its blocks start as identity)."""
+    for name, m in model.named_modules():
+        if name.startswith("diffloss"):
+            continue
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def cfg_scale(cfg, cfg_schedule, mask_len, seq_len):
+    """Guidance scale of one generation step (FACTS "Generation"). "linear" grows with the number of
+    tokens known after the step: w_k = 1 + (w - 1) * (seq - mask_len) / seq, weak guidance while the
+    image is mostly unknown; "constant" uses w at every step."""
+    if cfg_schedule == "linear":
+        return 1.0 + (cfg - 1.0) * (seq_len - mask_len) / seq_len
+    if cfg_schedule == "constant":
+        return float(cfg)
+    raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+
+
+def _check_sampling_args(bsz, cfg_schedule, labels, temperature):
+    if bsz < 1:
+        raise ValueError(f"bsz must be >= 1, got {bsz}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if labels is not None and tuple(labels.shape) != (bsz,):
+        raise ValueError(f"labels must have shape ({bsz},), got {tuple(labels.shape)}")
+
+
+def _labels_or_random(model, bsz, labels, generator, device):
+    """labels=None samples classes uniformly from `generator`: class-conditional models always get a
+    class (ImageNet FID uses 50 per class; pass them explicitly for that)."""
+    if labels is None:
+        return torch.randint(0, model.num_classes, (bsz,), device=device, generator=generator)
+    return labels.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# MAR (Sec. 3.5): bidirectional masked autoregressive model, MAE-style encoder / decoder.
+
+def mar_schedule(seq_len, num_iter):
+    """The cosine masking schedule of generation as plain numbers (FACTS "Generation").
+
+    Returns one (mask_len, num_pred) pair per step k: after step k, mask_len = floor(seq *
+    cos(pi/2 (k+1)/K)) tokens stay unknown, clamped to [1, still_masked - 1] so that every step
+    predicts at least one token and one is left for later; the last step predicts all that remain.
+    mask_len is the released value also at the last step (1), which is what linear CFG sees there.
+    """
+    if not 1 <= num_iter <= seq_len:
+        raise ValueError(f"num_iter must be in [1, seq_len={seq_len}], got {num_iter}")
+    steps, still = [], seq_len
+    for k in range(num_iter):
+        mask_len = math.floor(seq_len * math.cos(math.pi / 2 * (k + 1) / num_iter))
+        mask_len = max(1, min(still - 1, mask_len))
+        num_pred = still if k == num_iter - 1 else still - mask_len
+        steps.append((mask_len, num_pred))
+        still -= num_pred
+    return steps
+
+
+class MAR(nn.Module):
+    """Masked autoregressive model. Defaults = MAR-B on KL-16 ImageNet-256 tokens (16x16 x 16)."""
+
+    def __init__(self, seq_len=256, token_dim=16, num_classes=1000,
+                 encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                 decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12, mlp_ratio=4.0,
+                 buffer_size=64,           # extra encoder positions holding the class embedding: they
+                                           # give the encoder capacity when few tokens are known
+                 diffloss_d=6, diffloss_w=1024, num_sampling_steps="100",
+                 diffusion_batch_mul=4,    # each z is trained on 4 (t, noise) draws: the head is cheap
+                 label_drop_prob=0.1,      # classifier-free guidance training (class -> fake_latent)
+                 mask_ratio_min=0.7,       # masking ratio ~ N(1, 0.25) truncated to [0.7, 1]
+                 attn_dropout=0.1, proj_dropout=0.1, grad_checkpointing=False):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError("num_classes must be >= 1 (use 1 for an unconditional data set)")
+        self.seq_len, self.token_dim, self.num_classes = seq_len, token_dim, num_classes
+        self.buffer_size, self.diffusion_batch_mul = buffer_size, diffusion_batch_mul
+        self.label_drop_prob, self.mask_ratio_min = label_drop_prob, mask_ratio_min
+        self.grad_checkpointing = grad_checkpointing
+        E, D = encoder_embed_dim, decoder_embed_dim
+        # Registration order = the released state dict's order.
+        self.fake_latent = nn.Parameter(torch.zeros(1, E))          # the "no class" embedding
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buffer_size + seq_len, E))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buffer_size + seq_len, D))
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, D))
+        self.class_emb = nn.Embedding(num_classes, E)
+        self.z_proj = nn.Linear(token_dim, E)
+        self.z_proj_ln = nn.LayerNorm(E, eps=1e-6)
+        self.encoder_blocks = nn.ModuleList([Block(E, encoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
+                                             for _ in range(encoder_depth)])
+        self.encoder_norm = nn.LayerNorm(E, eps=1e-6)
+        self.decoder_embed = nn.Linear(E, D)
+        self.decoder_blocks = nn.ModuleList([Block(D, decoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
+        self.diffloss = DiffLoss(token_dim, D, diffloss_d, diffloss_w, num_sampling_steps, grad_checkpointing)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+        init_transformer_weights(self)
+
+    # -- the paper's steps ---------------------------------------------------------------------
+
+    def class_embedding(self, labels, batch):
+        """(B, E) class vectors; labels None -> fake_latent (unconditional). In training each label is
+        replaced by fake_latent with p = label_drop_prob, so the model also learns p(x) for CFG."""
+        if labels is None:
+            return self.fake_latent.expand(batch, -1)
+        emb = self.class_emb(labels)
+        if self.training and self.label_drop_prob > 0:
+            drop = torch.rand(batch, device=emb.device) < self.label_drop_prob
+            emb = torch.where(drop[:, None], self.fake_latent.to(emb.dtype), emb)
+        return emb
+
+    def random_mask(self, batch, device):
+        """Training mask (B, seq), 1 = unknown. One ratio per batch from N(1, 0.25) truncated to
+        [mask_ratio_min, 1] (inverse-CDF sampling, torch RNG); the first ceil(seq * ratio) positions
+        of a per-sample random permutation are masked."""
+        mu, std = 1.0, 0.25
+        cdf = lambda v: torch.special.ndtr(torch.tensor((v - mu) / std, dtype=torch.float64))
+        lo, hi = cdf(self.mask_ratio_min), cdf(1.0)
+        ratio = mu + std * torch.special.ndtri(lo + (hi - lo) * torch.rand((), dtype=torch.float64))
+        num_masked = math.ceil(self.seq_len * float(ratio.clamp(self.mask_ratio_min, 1.0)))
+        order = torch.rand(batch, self.seq_len, device=device).argsort(dim=1)   # (B, seq) permutations
+        mask = torch.zeros(batch, self.seq_len, device=device)
+        return mask.scatter_(1, order[:, :num_masked], 1.0)
+
+    def forward_encoder(self, tokens, mask, cls):
+        """Known tokens -> encoder features. tokens (B, seq, C), mask (B, seq), cls (B, E)."""
+        B = tokens.shape[0]
+        x = self.z_proj(tokens)                                                  # (B, seq, E)
+        buffer = cls.to(x.dtype)[:, None].expand(B, self.buffer_size, -1)       # (B, 64, E)
+        x = torch.cat([buffer, x], dim=1) + self.encoder_pos_embed_learned      # (B, 64+seq, E)
+        x = self.z_proj_ln(x)
+        # Drop the unknown tokens (after the LayerNorm, as released): the encoder never sees them,
+        # so masked values cannot leak into z. Every row keeps the same number of tokens.
+        keep = self._keep(mask)                                                  # (B, 64+seq) bool
+        x = x[keep].reshape(B, -1, x.shape[-1])                                  # (B, 64+known, E)
+        x = run_blocks(self.encoder_blocks, x, self.grad_checkpointing and self.training)
+        return self.encoder_norm(x)
+
+    def forward_decoder(self, x, mask):
+        """Encoder features -> z. Unknown positions get mask_token; the buffer is dropped at the end."""
+        x = self.decoder_embed(x)                                                # (B, 64+known, D)
+        keep = self._keep(mask)
+        full = self.mask_token.to(x.dtype).repeat(keep.shape[0], keep.shape[1], 1)  # (B, 64+seq, D)
+        full[keep] = x.reshape(-1, x.shape[-1])
+        x = full + self.decoder_pos_embed_learned
+        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing and self.training)
+        x = self.decoder_norm(x)[:, self.buffer_size:]                           # (B, seq, D)
+        # A position embedding for the head: z must say which token it is the condition for.
+        return x + self.diffusion_pos_embed_learned
+
+    def forward_z(self, tokens, mask, labels=None):
+        """z = f(known tokens): tokens (B, seq, C), mask (B, seq) 1 = unknown (same count per row),
+        labels (B,) or None (unconditional, fake_latent) -> z (B, seq, D), one vector per token."""
+        return self._forward_z(tokens, mask, self.class_embedding(labels, tokens.shape[0]))
+
+    def _forward_z(self, tokens, mask, cls):
+        if tokens.shape[1:] != (self.seq_len, self.token_dim) or mask.shape != tokens.shape[:2]:
+            raise ValueError(f"expected tokens (B, {self.seq_len}, {self.token_dim}) and mask (B, "
+                             f"{self.seq_len}), got {tuple(tokens.shape)} and {tuple(mask.shape)}")
+        return self.forward_decoder(self.forward_encoder(tokens, mask, cls), mask)
+
+    def _keep(self, mask):
+        """(B, buffer+seq) bool: the buffer and the known tokens."""
+        counts = mask.sum(dim=1)
+        if (counts != counts[0]).any():
+            raise ValueError("every row of the mask must hide the same number of tokens")
+        buffer = torch.ones(mask.shape[0], self.buffer_size, dtype=torch.bool, device=mask.device)
+        return torch.cat([buffer, mask == 0], dim=1)
+
+    def forward_loss(self, z, target, mask):
+        """Diffusion Loss on the masked tokens, each repeated diffusion_batch_mul times (Sec. 3.2)."""
+        B, L, C = target.shape
+        m = self.diffusion_batch_mul
+        return self.diffloss(target.reshape(B * L, C).repeat(m, 1), z.reshape(B * L, -1).repeat(m, 1),
+                             mask.reshape(B * L).repeat(m))
+
+    def forward(self, tokens, labels):
+        """One training step's loss: random mask, z from the known tokens, loss on the unknown ones.
+        tokens (B, seq, C); labels (B,) long (an unconditional data set: num_classes=1, all zeros, so
+        that label drop still trains fake_latent and sampling with random labels stays consistent)."""
+        mask = self.random_mask(tokens.shape[0], tokens.device)                 # (B, seq)
+        return self.forward_loss(self.forward_z(tokens, mask, labels), tokens, mask)
+
+    # -- generation (Sec. 3.5, Fig. 3) ---------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None,
+                      temperature=1.0, generator=None):
+        """Generate (bsz, seq, C) tokens in num_iter steps. Call model.eval() first.
+
+        Each sample has its own random order; step k predicts the tokens between the schedule's
+        mask lengths (mar_schedule). labels None -> random classes; cfg != 1 runs a conditional and
+        an unconditional (fake_latent) pass per step. All randomness (labels, orders, diffusion
+        noise) comes from `generator`, a torch.Generator on the model's device, if given."""
+        _check_sampling_args(bsz, cfg_schedule, labels, temperature)
+        device, L = self.fake_latent.device, self.seq_len
+        labels = _labels_or_random(self, bsz, labels, generator, device)
+        guided = cfg != 1.0
+        both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)       # [cond; uncond] copies
+        cls = self.class_emb(labels)                                             # (B, E)
+        if guided:
+            cls = torch.cat([cls, self.fake_latent.expand(bsz, -1)])             # (2B, E) [cond; uncond]
+        orders = torch.rand(bsz, L, device=device, generator=generator).argsort(dim=1)  # (B, seq)
+        rank = orders.argsort(dim=1)                            # rank[b, pos]: where pos is in b's order
+        tokens = torch.zeros(bsz, L, self.token_dim, device=device)
+        mask = torch.ones(bsz, L, device=device)                                 # 1 = unknown
+        steps = mar_schedule(L, num_iter)
+        for k, (mask_len, num_pred) in enumerate(steps):
+            z = self._forward_z(both(tokens), both(mask), cls)                   # (B or 2B, seq, D)
+            # Still unknown after this step: the first mask_len positions of each order.
+            mask_next = rank < (mask_len if k < num_iter - 1 else 0)              # (B, seq) bool
+            to_pred = mask.bool() & ~mask_next                                    # num_pred per row
+            w = cfg_scale(cfg, cfg_schedule, mask_len, L) if guided else 1.0
+            new = self.diffloss.sample(z[both(to_pred)], temperature, w, generator)  # rows [cond; uncond]
+            tokens[to_pred] = new[: bsz * num_pred].to(tokens.dtype)              # cond half under CFG
+            mask = mask_next.float()
+        return tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal AR (Sec. 3.4, Table 1 rows "AR, raster" and "AR, random"): not in the released code.
+
+class AR(nn.Module):
+    """Decoder-only causal Transformer with the same Diffusion Loss head.
+
+    Slot i of the input predicts the i-th token of the generation order o (o = 0..seq-1 for
+    "raster", a fresh permutation per sample for "random"):
+        input_i = (class vector if i = 0 else z_proj(x[o_{i-1}]) + pos[o_{i-1}]) + target_pos[o_i]
+    i.e. the input is shifted by one (class token first, teacher forcing in training), `pos` says
+    where each known token lies and `target_pos` tells the model which position comes next, which a
+    random order needs (for raster it is the usual absolute position embedding).
+    """
+
+    def __init__(self, seq_len=256, token_dim=16, num_classes=1000, embed_dim=768, depth=24, num_heads=12,
+                 mlp_ratio=4.0, order="raster", diffloss_d=6, diffloss_w=1024, num_sampling_steps="100",
+                 diffusion_batch_mul=4, label_drop_prob=0.1, attn_dropout=0.1, proj_dropout=0.1,
+                 grad_checkpointing=False):
+        super().__init__()
+        if order not in ("raster", "random"):
+            raise ValueError(f"order must be 'raster' or 'random', got {order!r}")
+        if num_classes < 1:
+            raise ValueError("num_classes must be >= 1 (use 1 for an unconditional data set)")
+        self.seq_len, self.token_dim, self.num_classes, self.order = seq_len, token_dim, num_classes, order
+        self.diffusion_batch_mul, self.label_drop_prob = diffusion_batch_mul, label_drop_prob
+        self.grad_checkpointing = grad_checkpointing
+        self.fake_latent = nn.Parameter(torch.zeros(1, embed_dim))
+        self.pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, embed_dim))
+        self.target_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, embed_dim))
+        self.class_emb = nn.Embedding(num_classes, embed_dim)
+        self.z_proj = nn.Linear(token_dim, embed_dim)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, attn_dropout, proj_dropout)
+                                     for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.diffloss = DiffLoss(token_dim, embed_dim, diffloss_d, diffloss_w, num_sampling_steps,
+                                 grad_checkpointing)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for p in (self.class_emb.weight, self.fake_latent, self.pos_embed_learned, self.target_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+        init_transformer_weights(self)
+
+    class_embedding = MAR.class_embedding   # same label drop / fake_latent rule as MAR
+
+    def generation_order(self, batch, device, generator=None):
+        """(B, seq) order in which tokens are predicted."""
+        if self.order == "raster":
+            return torch.arange(self.seq_len, device=device).expand(batch, -1)
+        return torch.rand(batch, self.seq_len, device=device, generator=generator).argsort(dim=1)
+
+    def embed(self, cls, tokens_ord, orders, start, end):
+        """Input embeddings of slots start..end-1. cls (B, D); tokens_ord (B, >= end-1, C) tokens in
+        generation order; orders (B, seq)."""
+        lo = max(start, 1) - 1                                     # first token needed (slot i uses i-1)
+        x = self.z_proj(tokens_ord[:, lo:end - 1]) + self.pos_embed_learned[0][orders[:, lo:end - 1]]
+        if start == 0:
+            x = torch.cat([cls.to(x.dtype)[:, None], x], dim=1)                 # class token first
+        return x + self.target_pos_embed_learned[0][orders[:, start:end]]     # (B, end-start, D)
+
+    def forward_z(self, tokens, labels=None, orders=None):
+        """Teacher forcing: tokens (B, seq, C) -> z (B, seq, D) in generation order, z[:, i] being the
+        condition for token orders[:, i] and computed from the tokens before it in the order only."""
+        if tokens.shape[1:] != (self.seq_len, self.token_dim):
+            raise ValueError(f"expected tokens (B, {self.seq_len}, {self.token_dim}), got {tuple(tokens.shape)}")
+        B, L, C = tokens.shape
+        orders = self.generation_order(B, tokens.device) if orders is None else orders
+        tokens_ord = tokens.gather(1, orders[..., None].expand(-1, -1, C))      # (B, seq, C)
+        x = self.embed(self.class_embedding(labels, B), tokens_ord, orders, 0, L)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing and self.training, causal=True)
+        return self.norm(x)
+
+    def forward(self, tokens, labels):
+        """Training loss: every token predicted from its predecessors (average over all tokens)."""
+        B, L, C = tokens.shape
+        orders = self.generation_order(B, tokens.device)
+        z = self.forward_z(tokens, labels, orders)                               # (B, seq, D)
+        target = tokens.gather(1, orders[..., None].expand(-1, -1, C))           # same order as z
+        m = self.diffusion_batch_mul
+        return self.diffloss(target.reshape(B * L, C).repeat(m, 1), z.reshape(B * L, -1).repeat(m, 1))
+
+    @torch.no_grad()
+    def sample_tokens(self, bsz, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
+                      generator=None, use_cache=True):
+        """Generate (bsz, seq, C) tokens one at a time. Call model.eval() first.
+
+        use_cache=True keeps each layer's keys/values so a step only processes the newest slot;
+        use_cache=False recomputes the whole causal prefix each step (same result; for testing).
+        Linear CFG: w = 1 + (cfg - 1) * (tokens known after the step) / seq, as MAR's rule."""
+        _check_sampling_args(bsz, cfg_schedule, labels, temperature)
+        device, L, C = self.fake_latent.device, self.seq_len, self.token_dim
+        labels = _labels_or_random(self, bsz, labels, generator, device)
+        guided = cfg != 1.0
+        both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
+        cls = self.class_emb(labels)
+        if guided:
+            cls = torch.cat([cls, self.fake_latent.expand(bsz, -1)])             # (2B, D) [cond; uncond]
+        orders = self.generation_order(bsz, device, generator)                   # (B, seq)
+        tokens_ord = torch.zeros(bsz, L, C, device=device)
+        caches = [{} for _ in self.blocks] if use_cache else None
+        for k in range(L):
+            start = k if use_cache else 0
+            x = self.embed(cls, both(tokens_ord), both(orders), start, k + 1)   # (B or 2B, k+1-start, D)
+            z = self.norm(run_blocks(self.blocks, x, False, causal=True, caches=caches)[:, -1])
+            w = cfg_scale(cfg, cfg_schedule, L - k - 1, L) if guided else 1.0
+            tokens_ord[:, k] = self.diffloss.sample(z, temperature, w, generator)[:bsz].to(tokens_ord.dtype)
+        # back from generation order to raster positions
+        return torch.zeros_like(tokens_ord).scatter_(1, orders[..., None].expand(-1, -1, C), tokens_ord)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model table (Table 3 / FACTS "Model sizes"), construction, weight decay, checkpoint loading.
+
+def _mar(width, depth, heads, dl_depth, dl_width, **kw):
+    return dict(encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads, decoder_embed_dim=width,
+                decoder_depth=depth, decoder_num_heads=heads, diffloss_d=dl_depth, diffloss_w=dl_width, **kw)
+
+
+def _ar(width, depth, heads, dl_depth, dl_width, **kw):
+    # twice the depth of one MAR half, so the Transformer has the same size as the MAR it mirrors
+    return dict(embed_dim=width, depth=2 * depth, num_heads=heads, diffloss_d=dl_depth, diffloss_w=dl_width, **kw)
+
+
+# name -> constructor kwargs; the prefix picks the class (mar_ -> MAR, ar_ -> AR). seq_len,
+# token_dim and num_classes default to KL-16 ImageNet-256 and are overridden by the caller.
+MODELS = {
+    "mar_tiny": _mar(128, 2, 4, 2, 256, buffer_size=8),      # CPU tests / toy data
+    "mar_small": _mar(384, 6, 6, 3, 512, buffer_size=16),    # small images on one GPU
+    "mar_base": _mar(768, 12, 12, 6, 1024),                  # 207.9M, the released MAR-B
+    "mar_large": _mar(1024, 16, 16, 8, 1280),                # 478.3M, MAR-L
+    "mar_huge": _mar(1280, 20, 16, 12, 1536),                # 942.4M, MAR-H
+    "ar_tiny": _ar(128, 2, 4, 2, 256),
+    "ar_small": _ar(384, 6, 6, 3, 512),
+    "ar_base": _ar(768, 12, 12, 6, 1024),
+    "ar_large": _ar(1024, 16, 16, 8, 1280),
+    "ar_huge": _ar(1280, 20, 16, 12, 1536),
+}
+
+
+def build_model(name, **overrides):
+    """MODELS[name] with overrides (seq_len, token_dim, num_classes, order, ...). The returned model
+    carries `.config = {"model": name, **overrides}`, which train.py stores to rebuild it."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    cls = AR if name.startswith("ar_") else MAR
+    model = cls(**{**MODELS[name], **overrides})
+    model.config = {"model": name, **overrides}
+    return model
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups of the paper (FACTS "Optimizer"): decay on matrices only; no decay for biases,
+    1-D parameters (LayerNorm) and the whole Diffusion Loss head."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".bias") or name.startswith("diffloss.")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _data_kwargs(state_dict):
+    """seq_len / token_dim / num_classes read off a state dict's shapes."""
+    kw = {}
+    if "z_proj.weight" in state_dict:
+        kw["token_dim"] = state_dict["z_proj.weight"].shape[1]
+    if "class_emb.weight" in state_dict:
+        kw["num_classes"] = state_dict["class_emb.weight"].shape[0]
+    for key in ("diffusion_pos_embed_learned", "pos_embed_learned"):
+        if key in state_dict:
+            kw["seq_len"] = state_dict[key].shape[1]
+    return kw
+
+
+def guess_model(state_dict):
+    """(name, overrides, num_differences) of the MODELS entry whose names and shapes are closest to
+    state_dict (built on the meta device, so even MAR-H costs no memory)."""
+    overrides, best = _data_kwargs(state_dict), None
+    for name in MODELS:
+        with torch.device("meta"):
+            own = {k: tuple(v.shape) for k, v in build_model(name, **overrides).state_dict().items()}
+        diff = len(own.keys() ^ state_dict.keys()) + sum(
+            own[k] != tuple(state_dict[k].shape) for k in own.keys() & state_dict.keys())
+        if best is None or diff < best[2]:
+            best = (name, overrides, diff)
+    return best
+
+
+def load_checkpoint(path, key="model_ema"):
+    """Load a MAR/AR checkpoint -> (model in eval mode on CPU, checkpoint dict).
+
+    Accepts train.py files ({"model", "model_ema", "config": {"model": name, **kwargs}, ...}) and the
+    released ones ({"model", "model_ema"} and, in training checkpoints, "args" as an
+    argparse.Namespace), which carry no config: their size is inferred from the tensor shapes.
+    key: "model_ema" (the weights to sample with, as the paper does) or "model"."""
+    ckpt = torch_load(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), dict):
+        found = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: no state dict under {key!r} (found: {found}); pass key='model' or "
+                         "key='model_ema' to pick one of the entries present")
+    state_dict = ckpt[key]
+    if "config" in ckpt:
+        overrides = dict(ckpt["config"])
+        name = overrides.pop("model", None)
+        if name is None:
+            raise ValueError(f"{path}: 'config' has no 'model' entry; train.py writes "
+                             "{'model': name, **build_model kwargs}")
+    else:
+        name, overrides, diff = guess_model(state_dict)
+        if diff:
+            with torch.device("meta"):
+                ref = build_model(name, **overrides)
+            load_state_dict_strict(ref, state_dict, f"any model in MODELS (closest: {name!r}, "
+                                                    f"{diff} differences, listed below)")
+    model = build_model(name, **overrides)
+    try:
+        load_state_dict_strict(model, state_dict, f"{name!r} built from its config {overrides}")
+    except ValueError as e:
+        guess = guess_model(state_dict)[0]
+        raise ValueError(f"{e}\n  the file's tensors look most like {guess!r}") from None
+    return model.eval(), ckpt

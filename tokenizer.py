@@ -1,0 +1,602 @@
+"""Tokenizers: the continuous tokens MAR models, and the data that feeds them.
+
+MAR (paper Sec. 3-5) models a sequence of continuous tokens; the model only ever sees a
+(seq_len, token_dim) pair. This file turns images into such sequences and back:
+
+  * `patchify` / `unpatchify`: the token layout of FACTS.md ("Tokens"): a (B, C, H, W) map becomes
+    (B, (H/p)(W/p), C*p*p), each token flattened in (c, p_row, p_col) order, row-major over the grid.
+  * `AutoencoderKL`: LDM's KL-regularised autoencoder, written from scratch; with `VAE_CONFIGS["kl16"]`
+    its state dict has exactly the names and shapes of the released `kl16.ckpt` (testdata/kl16_vae.txt);
+    `VAE_CONFIGS["kl8"]` describes LDM's f8 model (4 channels), used with patch_size=2 (paper Table 2).
+  * `KLTokenizer` (tokens = posterior sample * 0.2325) and `PixelTokenizer` (raw p x p patches, no
+    weights, for small images) share one duck-typed interface: `.seq_len`, `.token_dim`,
+    `.encode(images in [-1, 1]) -> (B, seq, token_dim)`, `.decode(tokens) -> images in [-1, 1]`,
+    `.config()` -> plain dict, rebuilt by `build_tokenizer(cfg, vae_path)`.
+  * `cache_latents` / `CachedLatents`: the released code's cache step (encode every image and its
+    horizontal flip once, keep the posterior moments in a memory-mapped .npy).
+  * Data: `ImageFolder` (ImageNet-style class folders, ADM center crop), `ArrayDataset`, and
+    `load_fashion_mnist` (idx files, e.g. from Debian's `dataset-fashion-mnist`).
+  * `torch_load` / `load_state_dict_strict`: the one safe, strict checkpoint loader shared with mar.py
+    and fid.py.
+
+Runtime dependencies: torch and numpy; Pillow is imported only inside the functions that read images.
+Used by train.py (tokenize / cache) and sample.py (decode). Tests: `python -m pytest test_all.py`.
+Example, the cache step for ImageNet 256 (then train from `CachedLatents("cache/in256")`):
+
+    vae = load_vae("kl16.ckpt")
+    cache_latents(ImageFolder("imagenet/train", 256), vae, "cache/in256", batch_size=128, device="cuda")
+"""
+import argparse
+import gzip
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# 1 / std of the KL-16 latents over ImageNet (no mean shift, FACTS "Tokens"): makes tokens ~unit variance,
+# the scale the Diffusion Loss noise schedule assumes. Other tokenizers need their own value.
+KL16_SCALE = 0.2325
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint loading shared by every file (contract: one helper, strict, weights_only)
+# ------------------------------------------------------------------------------------------------
+def torch_load(path):
+    """Load a checkpoint file safely (weights_only=True): tensors and plain containers only.
+
+    The original MAR training checkpoints pickle an `argparse.Namespace` under "args"; it is
+    allow-listed so that those files load without trusting arbitrary pickled code.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r} (check the path or download the file first)")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_state_dict_strict(module, state_dict, what):
+    """`module.load_state_dict(state_dict, strict=True)`, but on a mismatch raise one readable error
+    that lists missing keys, unexpected keys and shape differences (first 10 of each, then a count)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        def show(name, items):
+            if not items:
+                return ""
+            more = f" ... and {len(items) - 10} more" if len(items) > 10 else ""
+            return f"\n  {len(items)} {name}: " + ", ".join(items[:10]) + more
+        raise ValueError(f"checkpoint does not match {what}:" + show("missing keys", missing)
+                         + show("unexpected keys", unexpected) + show("shape mismatches", shapes)
+                         + "\n  (wrong file, or a model config that differs from the one that wrote it)")
+    module.load_state_dict(state_dict, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Token layout (FACTS "Tokens")
+# ------------------------------------------------------------------------------------------------
+def patchify(x, p):
+    """(B, C, H, W) -> (B, (H/p)(W/p), C*p*p); token (i, j) of the grid is sequence index i*(W/p)+j,
+    and its features run over (c, p_row, p_col) with p_col fastest."""
+    b, c, h, w = x.shape
+    if h % p or w % p:
+        raise ValueError(f"patchify: spatial size {h}x{w} is not divisible by patch size {p}")
+    x = x.reshape(b, c, h // p, p, w // p, p)                    # (B, C, h, p_row, w, p_col)
+    x = x.permute(0, 2, 4, 1, 3, 5)                              # (B, h, w, C, p_row, p_col)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)          # (B, L, C*p*p)
+
+
+def unpatchify(tokens, p, channels, h, w):
+    """Exact inverse of `patchify`: (B, (h/p)(w/p), C*p*p) -> (B, C, h, w)."""
+    b, length, dim = tokens.shape
+    if h % p or w % p or length != (h // p) * (w // p) or dim != channels * p * p:
+        raise ValueError(f"unpatchify: tokens {tuple(tokens.shape)} do not fit a {channels}x{h}x{w} "
+                         f"map with patch size {p}")
+    x = tokens.reshape(b, h // p, w // p, channels, p, p)        # (B, h, w, C, p_row, p_col)
+    x = x.permute(0, 3, 1, 4, 2, 5)                              # (B, C, h, p_row, w, p_col)
+    return x.reshape(b, channels, h, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# LDM's KL autoencoder (FACTS "KL-16 architecture"); module names match the released state dict
+# ------------------------------------------------------------------------------------------------
+def group_norm(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-swish-conv3x3 twice plus a skip (1x1 `nin_shortcut` when the width changes)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        # 1x1 conv skip only where the width changes (Identity has no weights, so no state-dict entry)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, q/k/v/proj as 1x1 convs (softmax(q k^T / sqrt(C)) v)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = group_norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        q, k, v = (m(y).reshape(b, 1, c, h * w).transpose(-1, -2) for m in (self.q, self.k, self.v))  # (B,1,HW,C)
+        y = F.scaled_dot_product_attention(q, k, v)                                                  # (B,1,HW,C)
+        return x + self.proj_out(y.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads only right/bottom, so H/2 exactly
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution level: `block` (res blocks), `attn` (one per block, or none), then an optional
+    `downsample` (encoder) or `upsample` (decoder)."""
+
+    def __init__(self, c_in, c_out, n_blocks, attn, down=False, up=False):
+        super().__init__()
+        self.block = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(n_blocks)])
+        self.attn = nn.ModuleList([AttnBlock(c_out) for _ in range(n_blocks)] if attn else [])
+        if down:
+            self.downsample = Downsample(c_out)
+        if up:
+            self.upsample = Upsample(c_out)
+
+    def forward(self, x):
+        for i, blk in enumerate(self.block):
+            x = blk(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        if hasattr(self, "downsample"):
+            x = self.downsample(x)
+        if hasattr(self, "upsample"):
+            x = self.upsample(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """conv_in, one `Level` per entry of ch_mult (downsampling after all but the last), mid block,
+    GroupNorm-swish-conv_out to 2 * z_channels (mean and log-variance)."""
+
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_levels, in_channels, z_channels):
+        super().__init__()
+        n = len(ch_mult)
+        widths = [ch * m for m in ch_mult]
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList([Level(ch if i == 0 else widths[i - 1], widths[i], num_res_blocks,
+                                         attn=i in attn_levels, down=i < n - 1) for i in range(n)])
+        self.mid = MidBlock(widths[-1])
+        self.norm_out, self.conv_out = group_norm(widths[-1]), nn.Conv2d(widths[-1], 2 * z_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)                                      # (B, ch, H, W)
+        for level in self.down:
+            x = level(x)                                         # (B, ch*m_i, H/2^i, W/2^i)
+        x = self.mid(x)
+        return self.conv_out(F.silu(self.norm_out(x)))          # (B, 2 z, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder: conv_in, mid block, `up` levels (num_res_blocks + 1 blocks each; `up[i]`
+    works at the resolution of encoder level i and runs from i = n-1 down to 0), norm, conv_out."""
+
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_levels, out_channels, z_channels):
+        super().__init__()
+        n = len(ch_mult)
+        widths = [ch * m for m in ch_mult]
+        self.conv_in = nn.Conv2d(z_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1])
+        self.up = nn.ModuleList([Level(widths[min(i + 1, n - 1)], widths[i], num_res_blocks + 1,
+                                       attn=i in attn_levels, up=i > 0) for i in range(n)])
+        self.norm_out, self.conv_out = group_norm(widths[0]), nn.Conv2d(widths[0], out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid(self.conv_in(z))                            # (B, ch*m_last, h, w)
+        for level in reversed(self.up):
+            x = level(x)                                         # (B, ch*m_i, 2h, 2w) (no upsample at i=0)
+        return self.conv_out(F.silu(self.norm_out(x)))          # (B, 3, H, W)
+
+
+class DiagonalGaussian:
+    """The encoder's posterior N(mean, exp(logvar)); built from the "moments" (B, 2E, h, w) = [mean, logvar]."""
+
+    def __init__(self, moments):
+        self.mean, logvar = moments.chunk(2, dim=1)              # (B, E, h, w) each
+        self.logvar = logvar.clamp(-30.0, 20.0)                  # FACTS: clamp keeps exp() finite
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator=None):
+        """mean + std * eps; `generator` (on the tensors' device) makes the draw reproducible."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self):
+        return self.mean
+
+    @property
+    def moments(self):
+        return torch.cat([self.mean, self.logvar], dim=1)       # (B, 2E, h, w)
+
+
+class AutoencoderKL(nn.Module):
+    """LDM's KL autoencoder. Downsampling factor f = 2^(len(ch_mult)-1); latents have `embed_dim` channels.
+
+    attn_levels: encoder levels with attention after each res block (negative = from the lowest, so
+    (-1,) is KL-16's 16x16 level); decoder_attn_levels the same for the decoder (KL-16: none, FACTS).
+    Both mid blocks always have attention. Defaults are KL-16 (VAE_CONFIGS["kl16"])."""
+
+    def __init__(self, embed_dim=16, ch_mult=(1, 1, 2, 2, 4), ch=128, num_res_blocks=2, z_channels=None,
+                 attn_levels=(-1,), decoder_attn_levels=(), in_channels=3):
+        super().__init__()
+        ch_mult, z_channels = tuple(ch_mult), z_channels or embed_dim
+        if ch % 32:
+            raise ValueError(f"AutoencoderKL: ch={ch} must be a multiple of 32 (GroupNorm with 32 groups)")
+        n = len(ch_mult)
+        enc_attn = {lvl % n for lvl in attn_levels}
+        dec_attn = {lvl % n for lvl in decoder_attn_levels}
+        self.config = dict(embed_dim=embed_dim, ch_mult=ch_mult, ch=ch, num_res_blocks=num_res_blocks,
+                           z_channels=z_channels, attn_levels=tuple(attn_levels),
+                           decoder_attn_levels=tuple(decoder_attn_levels), in_channels=in_channels)
+        self.embed_dim, self.in_channels, self.downsample_factor = embed_dim, in_channels, 2 ** (n - 1)
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, enc_attn, in_channels, z_channels)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, dec_attn, in_channels, z_channels)
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+
+    def encode(self, images):
+        """images (B, 3, H, W) in [-1, 1] -> posterior over latents (B, embed_dim, H/f, W/f)."""
+        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+
+    def decode(self, latents):
+        """latents (B, embed_dim, h, w) (unscaled) -> images (B, 3, h*f, w*f), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(latents))
+
+
+VAE_CONFIGS = {
+    "kl16": dict(embed_dim=16, ch_mult=(1, 1, 2, 2, 4), attn_levels=(-1,)),  # MAR's released kl16.ckpt
+    "kl8": dict(embed_dim=4, ch_mult=(1, 2, 4, 4), attn_levels=()),          # LDM kl-f8 (paper Table 2, p=2)
+    "tiny": dict(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1),      # random weights: CPU plumbing tests
+}
+
+
+def load_vae(path, name="kl16", **overrides):
+    """Build `VAE_CONFIGS[name]` (updated by `overrides`) and load a `{"model": state_dict}` file
+    (e.g. kl16.ckpt) strictly. Returns the autoencoder in eval mode on the CPU."""
+    if name not in VAE_CONFIGS:
+        raise ValueError(f"unknown VAE config {name!r}; choose from {sorted(VAE_CONFIGS)}")
+    vae = AutoencoderKL(**{**VAE_CONFIGS[name], **overrides})
+    ckpt = torch_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path!r} is not a VAE checkpoint: expected a dict with a 'model' state dict "
+                         f"(like kl16.ckpt), found a {type(ckpt).__name__}")
+    what = "AutoencoderKL(" + ", ".join(f"{k}={v}" for k, v in vae.config.items()) + ")"
+    load_state_dict_strict(vae, ckpt["model"], what)
+    return vae.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizers: one duck-typed interface (seq_len, token_dim, encode, decode, config, to)
+# ------------------------------------------------------------------------------------------------
+def _check_images(images, channels, size, who):
+    if images.ndim != 4 or images.shape[1] != channels or images.shape[2] != size or images.shape[3] != size:
+        raise ValueError(f"{who}.encode expects images (B, {channels}, {size}, {size}) in [-1, 1], "
+                         f"got {tuple(images.shape)}")
+
+
+class PixelTokenizer:
+    """Tokens are raw p x p patches of the image in [-1, 1]: no weights, exact round trip. Lets MAR train
+    on small images (28x28 to 64x64) with nothing to download."""
+
+    def __init__(self, image_size, channels=3, patch_size=1):
+        if image_size % patch_size:
+            raise ValueError(f"PixelTokenizer: image_size {image_size} is not divisible by patch_size {patch_size}")
+        self.image_size, self.channels, self.patch_size = image_size, channels, patch_size
+        self.seq_len = (image_size // patch_size) ** 2
+        self.token_dim = channels * patch_size ** 2
+
+    def encode(self, images, generator=None):
+        """(B, C, S, S) -> (B, seq_len, token_dim). Deterministic: `generator` is accepted and unused."""
+        _check_images(images, self.channels, self.image_size, "PixelTokenizer")
+        return patchify(images, self.patch_size)
+
+    def decode(self, tokens):
+        s = self.image_size
+        return unpatchify(tokens, self.patch_size, self.channels, s, s).clamp(-1.0, 1.0)  # model output may overshoot
+
+    def config(self):
+        return dict(kind="pixel", image_size=self.image_size, channels=self.channels, patch_size=self.patch_size)
+
+    def to(self, device):
+        return self
+
+
+class KLTokenizer:
+    """Tokens from a KL autoencoder (FACTS "Tokens"): a *sample* of the posterior times `scale`,
+    grouped into p x p patches (p=1 for KL-16 -> 256 tokens of 16 dims at 256x256; p=2 for KL-8).
+    Decoding divides by `scale` first. `scale` defaults to KL-16's value; other VAEs need their own."""
+
+    def __init__(self, vae, image_size, patch_size=1, scale=KL16_SCALE):
+        f = vae.downsample_factor
+        if image_size % (f * patch_size):
+            raise ValueError(f"KLTokenizer: image_size {image_size} must be divisible by VAE stride {f} "
+                             f"x patch_size {patch_size}")
+        self.vae = vae.eval().requires_grad_(False)  # frozen: MAR never trains the tokenizer
+        self.image_size, self.patch_size, self.scale = image_size, patch_size, scale
+        self.latent_size = image_size // f
+        self.seq_len = (self.latent_size // patch_size) ** 2
+        self.token_dim = vae.embed_dim * patch_size ** 2
+
+    @torch.no_grad()
+    def encode(self, images, generator=None):
+        """(B, 3, S, S) in [-1, 1] -> (B, seq_len, token_dim): a fresh posterior sample each call (training)."""
+        _check_images(images, self.vae.in_channels, self.image_size, "KLTokenizer")
+        return self.tokens_from_moments(self.vae.encode(images).moments, generator)
+
+    def tokens_from_moments(self, moments, generator=None):
+        """Cached moments (B, 2E, h, w) (see `CachedLatents`) -> sampled, scaled tokens (B, seq_len, token_dim)."""
+        latents = DiagonalGaussian(moments).sample(generator) * self.scale      # (B, E, h, w)
+        return patchify(latents, self.patch_size)
+
+    @torch.no_grad()
+    def decode(self, tokens):
+        s = self.latent_size
+        latents = unpatchify(tokens / self.scale, self.patch_size, self.vae.embed_dim, s, s)  # (B, E, h, w)
+        return self.vae.decode(latents).clamp(-1.0, 1.0)
+
+    def config(self):
+        return dict(kind="kl", vae=dict(self.vae.config), image_size=self.image_size,
+                    patch_size=self.patch_size, scale=self.scale)
+
+    def to(self, device):
+        self.vae.to(device)
+        return self
+
+
+def build_tokenizer(cfg, vae_path=None):
+    """Rebuild a tokenizer from its `.config()` dict (stored in train.py checkpoints). A KL tokenizer's
+    weights are not in that dict: pass the VAE file (e.g. kl16.ckpt) as `vae_path`."""
+    kind = cfg.get("kind")
+    if kind == "pixel":
+        return PixelTokenizer(cfg["image_size"], cfg["channels"], cfg["patch_size"])
+    if kind == "kl":
+        if vae_path is None:
+            raise ValueError("this tokenizer is a KL autoencoder: pass vae_path (e.g. kl16.ckpt) to load its weights")
+        return KLTokenizer(load_vae(vae_path, **cfg["vae"]), cfg["image_size"], cfg["patch_size"], cfg["scale"])
+    raise ValueError(f"unknown tokenizer kind {kind!r} in config {cfg!r}; expected 'pixel' or 'kl'")
+
+
+# ------------------------------------------------------------------------------------------------
+# Latent cache (the released code's cache step): encode once, sample per training step
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def cache_latents(dataset, vae, path, batch_size=64, device=None, num_workers=0):
+    """Encode every image of `dataset` ((image in [-1, 1], label) pairs) and its horizontal flip; write
+
+        path/moments.npy  float32 (N, 2, 2E, h, w): [:, 0] the image, [:, 1] its flip; channels [mean, logvar]
+        path/labels.npy   int64 (N,)
+
+    Storing the posterior moments (not a sample) keeps training stochastic: `CachedLatents` picks a flip
+    per read, and the training step draws a fresh posterior sample (`KLTokenizer.tokens_from_moments`),
+    exactly what encoding a randomly flipped image would give, at none of the encoder's cost.
+    Returns the number of images written."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("cache_latents: the dataset is empty")
+    device = torch.device(device) if device is not None else next(vae.parameters()).device
+    vae = vae.to(device).eval()
+    os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, "moments.partial.npy")  # renamed at the end: a crashed run leaves no valid cache
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    moments, labels, i = None, np.zeros(n, dtype=np.int64), 0
+    for step, (images, y) in enumerate(loader):
+        x = images.to(device)
+        b = x.shape[0]
+        m = vae.encode(torch.cat([x, x.flip(-1)])).moments.float().cpu().numpy()  # (2B, 2E, h, w)
+        if moments is None:
+            moments = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, 2) + m.shape[1:])
+        moments[i:i + b, 0], moments[i:i + b, 1] = m[:b], m[b:]
+        labels[i:i + b] = y.numpy()
+        i += b
+        if step % 100 == 0:
+            print(f"cache_latents: {i}/{n} images")
+    moments.flush()
+    del moments
+    os.replace(tmp, os.path.join(path, "moments.npy"))
+    np.save(os.path.join(path, "labels.npy"), labels)
+    return n
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """Reads a `cache_latents` directory: item i is (moments (2E, h, w) float32 of image i or of its flip,
+    each with probability 1/2, label). The arrays are memory-mapped, so the cache need not fit in RAM.
+
+    The flip is drawn from `generator` when given (use it only with num_workers=0: each DataLoader worker
+    would copy the same generator state), otherwise from torch's global RNG, which DataLoader seeds
+    per worker from the main process, so torch.manual_seed makes the epoch reproducible."""
+
+    def __init__(self, path, generator=None):
+        files = [os.path.join(path, f) for f in ("moments.npy", "labels.npy")]
+        for f in files:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"latent cache file not found: {f!r} "
+                                        "(run cache_latents / the cache step first)")
+        self.moments = np.load(files[0], mmap_mode="r")          # (N, 2, 2E, h, w)
+        self.labels = np.load(files[1])                           # (N,)
+        if self.moments.ndim != 5 or self.moments.shape[1] != 2 or len(self.labels) != len(self.moments):
+            raise ValueError(f"latent cache in {path!r} is malformed: moments {self.moments.shape}, "
+                             f"labels {self.labels.shape}; rebuild it with cache_latents")
+        self.generator = generator
+        self.num_classes = int(self.labels.max()) + 1
+
+    def __len__(self):
+        return len(self.moments)
+
+    def __getitem__(self, i):
+        flip = int(torch.randint(2, (), generator=self.generator))
+        return torch.from_numpy(np.array(self.moments[i, flip])), int(self.labels[i])
+
+
+# ------------------------------------------------------------------------------------------------
+# Image datasets: items are (image float (C, S, S) in [-1, 1], label int)
+# ------------------------------------------------------------------------------------------------
+def center_crop_adm(pil_image, image_size):
+    """ADM's center crop (the ImageNet preprocessing of ADM / MAR): halve with a BOX filter while the short
+    side is >= 2x the target (cheap anti-aliasing), BICUBIC-resize the short side to `image_size`, then
+    crop the center. Returns uint8 (S, S, C)."""
+    from PIL import Image
+    while min(pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)  # a writable copy
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+def _to_tensor(arr):
+    """uint8 (H, W, C) -> float (C, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """ImageNet-style folder root/<class>/<images> (class index = sorted folder order), RGB, ADM center crop.
+
+    Every file is checked up front (Pillow header + integrity check, cheap: no decoding); unreadable ones
+    are reported by name, listed in `.skipped` ((path, reason) pairs) and left out. A file that passes the
+    check but fails to decode later (e.g. a truncated JPEG body) is reported and replaced by the next
+    readable image, so a long run is never killed by one file."""
+
+    def __init__(self, root, image_size):
+        from PIL import Image
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder not found: {root!r} (expected root/<class name>/<image files>)")
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if not self.classes:
+            raise ValueError(f"no class subfolders in {root!r} (expected root/<class name>/<image files>)")
+        self.image_size, self.channels, self.num_classes = image_size, 3, len(self.classes)
+        self.samples, self.skipped = [], []
+        for label, cls in enumerate(self.classes):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, cls))):
+                for name in sorted(files):
+                    if not name.lower().endswith(IMAGE_EXTENSIONS):
+                        continue
+                    path = os.path.join(dirpath, name)
+                    try:
+                        with Image.open(path) as im:
+                            im.verify()
+                        self.samples.append((path, label))
+                    except Exception as e:  # Pillow raises several types (OSError, SyntaxError, ...)
+                        self.skipped.append((path, f"{type(e).__name__}: {e}"))
+                        print(f"ImageFolder: skipping unreadable image {path} ({type(e).__name__}: {e})")
+        if self.skipped:
+            print(f"ImageFolder: skipped {len(self.skipped)} unreadable file(s); kept {len(self.samples)}")
+        if not self.samples:
+            raise ValueError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        for j in range(len(self.samples)):
+            path, label = self.samples[(i + j) % len(self.samples)]
+            try:
+                with Image.open(path) as im:
+                    return _to_tensor(center_crop_adm(im.convert("RGB"), self.image_size)), label
+            except Exception as e:  # counted in .skipped of this process (DataLoader workers only print)
+                self.skipped.append((path, f"{type(e).__name__}: {e}"))
+                print(f"ImageFolder: cannot decode {path} ({type(e).__name__}: {e}); using the next image")
+        raise RuntimeError("ImageFolder: none of the images could be decoded")
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Images already in memory: uint8 (N, H, W, C) or (N, H, W) (grayscale), square; labels (N,) or None."""
+
+    def __init__(self, images, labels=None, num_classes=None):
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[1] != images.shape[2]:
+            raise ValueError(f"ArrayDataset expects square uint8 images (N, H, W[, C]), got {images.dtype} "
+                             f"{images.shape}")
+        self.images = torch.tensor(images if images.ndim == 4 else images[..., None])  # (N, S, S, C), a copy
+        self.labels = torch.zeros(len(images), dtype=torch.long) if labels is None else torch.as_tensor(labels).long()
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"ArrayDataset: {len(self.images)} images but {len(self.labels)} labels")
+        self.image_size, self.channels = self.images.shape[1], self.images.shape[3]
+        self.num_classes = num_classes or int(self.labels.max()) + 1
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return _to_tensor(self.images[i].numpy()), int(self.labels[i])
+
+
+def read_idx(path):
+    """Parse an idx file (MNIST format, optionally gzipped): 2 zero bytes, type code 0x08 (uint8), ndim,
+    ndim big-endian int32 sizes, then the data."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path!r} is not a uint8 idx file (bad magic number {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int(s) for s in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path!r}: header says {shape} but holds {body.size} values (truncated file?)")
+    return body.reshape(shape).copy()  # writable (frombuffer views of bytes are read-only)
+
+
+def load_fashion_mnist(directory=FASHION_MNIST_DIR, split="train"):
+    """Fashion-MNIST (28x28 grayscale, 10 classes) as an `ArrayDataset`, from the idx files
+    `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]` (Debian: apt-get install dataset-fashion-mnist)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    arrays = []
+    for kind in ("images-idx3", "labels-idx1"):
+        name = f"{prefix}-{kind}-ubyte"
+        found = [p for p in (os.path.join(directory, name), os.path.join(directory, name + ".gz")) if os.path.isfile(p)]
+        if not found:
+            raise FileNotFoundError(f"Fashion-MNIST file {name}[.gz] not found in {directory!r} "
+                                    f"(apt-get install dataset-fashion-mnist puts it in {FASHION_MNIST_DIR})")
+        arrays.append(read_idx(found[0]))
+    return ArrayDataset(arrays[0], arrays[1], num_classes=10)
