@@ -8,8 +8,11 @@ name/shape lists of the released weights are kept as data in testdata/.
 import argparse
 import gzip
 import io
+import json
 import math
 import os
+import subprocess
+import sys
 import time
 from fractions import Fraction
 
@@ -1150,3 +1153,27 @@ def test_evaluate_end_to_end_with_stub_network(tmp_path):
     assert result["stats_path"] == str(tmp_path / "a_stats.npz")
     again = fid.evaluate(a, result["stats_path"], model, progress=False)
     assert abs(again["fid"]) < 1e-6
+
+
+# ==============================================================================================
+# Speed benchmark (benchmarks/speed.py): its tiny CPU run keeps working
+
+def test_speed_benchmark_tiny_cpu(tmp_path):
+    out = tmp_path / "speed.jsonl"
+    cmd = [sys.executable, "benchmarks/speed.py", "--device", "cpu", "--models", "mar_tiny", "--batch", "2",
+           "--num_iter", "4", "--num_sampling_steps", "5", "--seq_len", "16", "--token_dim", "4",
+           "--train_batch", "2", "--train_steps", "2", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread: no oversubscription in CI
+    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["what"] for r in rows] == ["sample", "train"]
+    for r in rows:
+        assert r["model"] == "mar_tiny" and r["batch"] == 2 and r["dtype"] == "fp32"
+        assert r["peak_mem_gib"] is None and r["device"].startswith("cpu") and r["torch"] == torch.__version__
+    sample, train = rows
+    assert (sample["num_iter"], sample["diff_steps"], sample["cfg"]) == (4, 5, 3.0)
+    # the tiny VAE decodes too, so the time with the decode exceeds the time without it
+    assert sample["s_per_image"] > sample["s_per_image_no_decode"] > 0
+    assert train["images_per_s"] > 0 and train["diffusion_batch_mul"] == 4
+    assert "sample" in proc.stdout and "train" in proc.stdout   # the printed table
