@@ -23,7 +23,6 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 NUM_TRAIN_STEPS = 1000  # T of the cosine schedule; the network is conditioned on t in 0..T-1
@@ -190,21 +189,31 @@ class DiffLoss(nn.Module):
     """Diffusion Loss (paper Sec. 3): the training loss and the sampler of p(x | z) for one token."""
 
     def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps="100",
-                 grad_checkpointing=False):
+                 grad_checkpointing=False, clip_x0=None):
         super().__init__()
         self.in_channels, self.z_channels = target_channels, z_channels
+        # clip_x0: clamp each step's predicted x_0 to [-clip_x0, clip_x0] while sampling. For tokens
+        # with a known range (pixels in [-1, 1]) this is DDPM's clip_denoised: it stops the first step,
+        # where eps errors are multiplied by 1/sqrt(abar(999)) = 2e4, from throwing samples far out of
+        # range. None (the released setting for KL-16 latents, which have no fixed range) never clips.
+        self.clip_x0 = clip_x0
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth,
                                   grad_checkpointing)
-        betas = cosine_betas()
-        kept, sample_betas = respace(betas, num_sampling_steps)
-        self.num_sampling_steps = len(kept)
         # Coefficients live in non-persistent float32 buffers: they follow .to(device), cost no host
         # work inside the loops, and stay out of the state dict (whose names must match the release).
-        for prefix, coefs in (("train_", diffusion_coefficients(betas)),
-                              ("sample_", diffusion_coefficients(sample_betas))):
-            for name, value in coefs.items():
-                self.register_buffer(prefix + name, torch.tensor(value, dtype=torch.float32), persistent=False)
-        self.register_buffer("sample_t", torch.tensor(kept), persistent=False)  # original index per step
+        for name, value in diffusion_coefficients(cosine_betas()).items():
+            self.register_buffer("train_" + name, torch.tensor(value, dtype=torch.float32), persistent=False)
+        self.set_sampling_steps(num_sampling_steps)
+
+    def set_sampling_steps(self, num_sampling_steps):
+        """Respace the sampler to N steps (a sampling-time choice: training always uses all 1000)."""
+        kept, betas = respace(cosine_betas(), num_sampling_steps)
+        device = self.train_log_betas.device
+        self.num_sampling_steps = len(kept)
+        for name, value in diffusion_coefficients(betas).items():
+            self.register_buffer("sample_" + name, torch.tensor(value, dtype=torch.float32, device=device),
+                                 persistent=False)
+        self.register_buffer("sample_t", torch.tensor(kept, device=device), persistent=False)  # original index
 
     # -- training ------------------------------------------------------------------------------
 
@@ -239,12 +248,14 @@ class DiffLoss(nn.Module):
         return torch.where(t == 0, nll, kl) / math.log(2.0)
 
     @staticmethod
-    def _p_mean_logvar(x_t, eps_hat, v, c):
+    def _p_mean_logvar(x_t, eps_hat, v, c, clip_x0=None):
         """Mean and log-variance of the model's p(x_{t-1} | x_t); `c(name)` gives a coefficient at t.
         Learned range: log sigma^2 interpolates between the posterior variance and beta_t."""
         frac = (v + 1) / 2
         logvar = frac * c("log_betas") + (1 - frac) * c("post_logvar_clipped")
-        x0_hat = c("sqrt_recip_abar") * x_t - c("sqrt_recipm1_abar") * eps_hat  # no clipping
+        x0_hat = c("sqrt_recip_abar") * x_t - c("sqrt_recipm1_abar") * eps_hat
+        if clip_x0 is not None:
+            x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
         return c("post_mean_coef_x0") * x0_hat + c("post_mean_coef_xt") * x_t, logvar
 
     # -- sampling ------------------------------------------------------------------------------
@@ -274,7 +285,7 @@ class DiffLoss(nn.Module):
             if guided:
                 (eps_c, eps_u), v = eps_hat.chunk(2), v[:B]
                 eps_hat = eps_u + cfg * (eps_c - eps_u)
-            mean, logvar = self._p_mean_logvar(x, eps_hat, v, c)
+            mean, logvar = self._p_mean_logvar(x, eps_hat, v, c, self.clip_x0)
             x = mean + (i > 0) * torch.exp(0.5 * logvar) * temperature * noise[i]  # no noise at t = 0
         return torch.cat([x, x]) if guided else x
 

@@ -187,7 +187,8 @@ class MAR(nn.Module):
                  diffusion_batch_mul=4,    # each z is trained on 4 (t, noise) draws: the head is cheap
                  label_drop_prob=0.1,      # classifier-free guidance training (class -> fake_latent)
                  mask_ratio_min=0.7,       # masking ratio ~ N(1, 0.25) truncated to [0.7, 1]
-                 attn_dropout=0.1, proj_dropout=0.1, grad_checkpointing=False):
+                 attn_dropout=0.1, proj_dropout=0.1, grad_checkpointing=False,
+                 clip_x0=None):               # bound of the token values, if any (pixels: 1.0), see DiffLoss
         super().__init__()
         if num_classes < 1:
             raise ValueError("num_classes must be >= 1 (use 1 for an unconditional data set)")
@@ -212,7 +213,8 @@ class MAR(nn.Module):
         self.decoder_blocks = nn.ModuleList([Block(D, decoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
-        self.diffloss = DiffLoss(token_dim, D, diffloss_d, diffloss_w, num_sampling_steps, grad_checkpointing)
+        self.diffloss = DiffLoss(token_dim, D, diffloss_d, diffloss_w, num_sampling_steps, grad_checkpointing,
+                                 clip_x0)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -359,7 +361,7 @@ class AR(nn.Module):
     def __init__(self, seq_len=256, token_dim=16, num_classes=1000, embed_dim=768, depth=24, num_heads=12,
                  mlp_ratio=4.0, order="raster", diffloss_d=6, diffloss_w=1024, num_sampling_steps="100",
                  diffusion_batch_mul=4, label_drop_prob=0.1, attn_dropout=0.1, proj_dropout=0.1,
-                 grad_checkpointing=False):
+                 grad_checkpointing=False, clip_x0=None):
         super().__init__()
         if order not in ("raster", "random"):
             raise ValueError(f"order must be 'raster' or 'random', got {order!r}")
@@ -377,7 +379,7 @@ class AR(nn.Module):
                                      for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.diffloss = DiffLoss(token_dim, embed_dim, diffloss_d, diffloss_w, num_sampling_steps,
-                                 grad_checkpointing)
+                                 grad_checkpointing, clip_x0)
         self.initialize_weights()
 
     def initialize_weights(self):

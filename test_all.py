@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +24,9 @@ import torch.nn as nn
 
 import diffloss
 import fid
+import sample
 import tokenizer as T
+import train
 from diffloss import DiffLoss
 from mar import AR, MAR, build_model, cfg_scale, guess_model, load_checkpoint, mar_schedule, param_groups
 
@@ -75,7 +78,8 @@ def test_respacing_indices_and_betas(n):
 
 
 def test_sampler_feeds_original_step_indices():
-    head = DiffLoss(2, 3, depth=1, width=8, num_sampling_steps="25")
+    head = DiffLoss(2, 3, depth=1, width=8)
+    head.set_sampling_steps("25")  # respacing is a sampling-time choice
     seen = []
     head.net.register_forward_hook(lambda mod, args, out: seen.append(int(args[1][0])))
     head.sample(torch.zeros(4, 3))
@@ -229,6 +233,16 @@ def test_diffloss_learns_the_bayes_optimal_denoiser():
             group["lr"] = 2e-3 * (1 - (step + 1) / steps)
     gap, _ = eval_gap()
     assert gap < 0.1 * gap0 and gap < 0.2 * floor, (gap0, gap, floor)
+
+
+def test_clip_x0_bounds_samples_of_bounded_tokens():
+    # A head that predicts eps = 0 (the zero init) makes the first step's x0 estimate
+    # x_T / sqrt(abar(999)) ~ 2e4 x_T: unclipped, samples land far out of range; with clip_x0 = 1
+    # (pixel tokens) every step's x0 estimate, and so the final sample (x0 at t = 0), is in [-1, 1].
+    z = torch.zeros(64, 3)
+    wild = DiffLoss(2, 3, depth=1, width=8).sample(z, generator=torch.Generator().manual_seed(0))
+    tame = DiffLoss(2, 3, depth=1, width=8, clip_x0=1.0).sample(z, generator=torch.Generator().manual_seed(0))
+    assert wild.abs().max() > 100 and tame.abs().max() <= 1.0 + 1e-6
 
 
 def test_masked_tokens_give_no_gradient():
@@ -1154,6 +1168,236 @@ def test_evaluate_end_to_end_with_stub_network(tmp_path):
     again = fid.evaluate(a, result["stats_path"], model, progress=False)
     assert abs(again["fid"]) < 1e-6
 
+
+# ==============================================================================================
+# Training and sampling (train.py, sample.py)
+
+# A tiny run: 8x8 shapes, 2x2 patches -> 16 tokens of 4 values; no previews; fixed threads so that two
+# processes compute bit-identical numbers to one.
+TRAIN_TINY = ["--image_size", "8", "--patch_size", "2", "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0.01",
+        "--blr", "1e-2", "--log_every", "1", "--ckpt_every", "1000", "--sample_every", "0"]
+TRAIN_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+# Same seed, same shard layout: the weights agree to float summation order; in practice they are equal.
+TOL = 1e-6
+# The learning run (built-in 16x16 shapes, default model and tokens): see test_learns_builtin_shapes.
+LEARN = ["--max_steps", "300", "--blr", "4e-3", "--warmup_epochs", "0.5", "--sample_every", "0", "--log_every", "100"]
+LEARN_MIN_ACC = 0.2   # chance is 0.10; with 200 samples its std is 0.021, so 0.2 is > 4 sigma above it
+
+
+def run_script(args, torchrun=0, check=True):
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--standalone"]
+                              if torchrun else []) + [os.path.join(HERE, "train.py")] + args
+    out = subprocess.run(cmd, env=TRAIN_ENV, cwd=HERE, capture_output=True, text=True, timeout=300)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def assert_same_state(a, b):
+    assert a["step"] == b["step"]
+    for key in ("model", "model_ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.allclose(a[key][k], b[key][k], atol=TOL, rtol=0), f"{key}.{k} differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(sa[i][k], sb[i][k], atol=TOL, rtol=0), f"optimizer state {i}.{k} differs"
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """8 uninterrupted steps: the reference for the resume tests and the checkpoint sample.py reads."""
+    d = tmp_path_factory.mktemp("full")
+    run_script(TRAIN_TINY + ["--max_steps", "8", "--output_dir", str(d)])
+    return d / "checkpoint-last.pth"
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    # 2 ranks x 1 shard of 4 == 1 process x 2 accumulated shards of 4 (global batch 8, same seed)
+    run_script(TRAIN_TINY + ["--max_steps", "3", "--output_dir", str(tmp_path / "ddp")], torchrun=2)
+    run_script(TRAIN_TINY + ["--max_steps", "3", "--accum_iter", "2", "--output_dir", str(tmp_path / "one")])
+    a, b = T.torch_load(tmp_path / "ddp" / "checkpoint-last.pth"), T.torch_load(tmp_path / "one" / "checkpoint-last.pth")
+    assert a["args"]["world_size"] == 2 and b["args"]["world_size"] == 1
+    assert_same_state(a, b)
+    torch.manual_seed(0)   # and it did train: the weights moved away from the initialisation
+    init = train.mar.build_model("mar_tiny", **{k: v for k, v in a["config"].items() if k != "model"}).state_dict()
+    assert max((a["model"][k] - init[k]).abs().max().item() for k in init) > 1e-4
+
+
+def test_resume_after_max_steps_is_exact(full_run, tmp_path):
+    run_script(TRAIN_TINY + ["--max_steps", "4", "--output_dir", str(tmp_path)])
+    ckpt = tmp_path / "checkpoint-last.pth"
+    assert T.torch_load(ckpt)["step"] == 4
+    run_script(TRAIN_TINY + ["--max_steps", "8", "--output_dir", str(tmp_path), "--resume", str(ckpt)])
+    assert_same_state(T.torch_load(ckpt), T.torch_load(full_run))
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(1, 9))   # the metrics log continues without gaps or repeats
+
+
+def test_sigterm_saves_and_resume_is_exact(full_run, tmp_path):
+    cmd = [sys.executable, os.path.join(HERE, "train.py")] + TRAIN_TINY + ["--max_steps", "8", "--output_dir", str(tmp_path),
+                                                                        "--batch_size", "4"]
+    proc = subprocess.Popen(cmd, env=TRAIN_ENV, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out
+    assert "SIGTERM: finishing this step" in out and "stopped by signal" in out
+    ckpt = tmp_path / "checkpoint-last.pth"
+    stopped = T.torch_load(ckpt)["step"]
+    assert 2 <= stopped < 8, out
+    run_script(TRAIN_TINY + ["--max_steps", "8", "--output_dir", str(tmp_path), "--resume", str(ckpt)])
+    assert_same_state(T.torch_load(ckpt), T.torch_load(full_run))
+
+
+def sample_npz(ckpt, out_dir, seed, extra=()):
+    npz, png = out_dir / f"s{seed}.npz", out_dir / f"s{seed}.png"
+    sample.main(["--ckpt", str(ckpt), "--num_images", "20", "--batch_size", "8", "--num_iter", "4",
+                 "--num_sampling_steps", "5", "--seed", str(seed), "--npz", str(npz), "--out", str(png), *extra])
+    return np.load(npz)["arr_0"], png
+
+
+def test_sample_reads_train_checkpoint(full_run, tmp_path):
+    from PIL import Image
+    a, png = sample_npz(full_run, tmp_path, seed=1, extra=["--png_dir", str(tmp_path / "pngs"), "--cfg", "2.0"])
+    assert a.dtype == np.uint8 and a.shape == (20, 8, 8, 1)
+    assert len(os.listdir(tmp_path / "pngs")) == 20
+    grid = Image.open(png)
+    assert grid.size[0] > 8 * 2 and grid.size[1] > 8 * 10        # 10 class rows of 2 images
+    b, _ = sample_npz(full_run, tmp_path, seed=1, extra=["--cfg", "2.0"])
+    c, _ = sample_npz(full_run, tmp_path, seed=2, extra=["--cfg", "2.0"])
+    assert np.array_equal(a, b)                                   # same seed -> same images
+    assert not np.array_equal(a, c)
+    d, _ = sample_npz(full_run, tmp_path, seed=1, extra=["--cfg", "2.0", "--weights", "model"])
+    assert not np.array_equal(a, d)                               # raw weights differ from the EMA
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning: after a short CPU run, each class's samples are recognised as that class
+# ------------------------------------------------------------------------------------------------
+def shape_classifier(size):
+    """A small CNN trained on real built-in shapes (seed 0), checked on unseen ones (seed 1): the judge."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    x, y = train.make_shapes(300, size, seed=0)
+    x = x[:, None].float() / 127.5 - 1
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for i in range(400):
+        idx = torch.randint(len(x), (64,))
+        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    xt, yt = train.make_shapes(50, size, seed=1)
+    with torch.no_grad():
+        acc = (net(xt[:, None].float() / 127.5 - 1).argmax(1) == yt).float().mean().item()
+    return net, acc
+
+
+def test_learns_builtin_shapes(tmp_path):
+    judge, real_acc = shape_classifier(16)
+    assert real_acc > 0.95, f"the judge itself is unreliable: {real_acc:.2f} on unseen real shapes"
+    train.main(LEARN + ["--output_dir", str(tmp_path)])
+    npz = tmp_path / "gen.npz"
+    sample.main(["--ckpt", str(tmp_path / "checkpoint-last.pth"), "--num_images", "200", "--batch_size", "200",
+                 "--npz", str(npz), "--out", str(tmp_path / "gen.png")])
+    x = torch.from_numpy(np.load(npz)["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1   # (200, 1, 16, 16)
+    y = torch.arange(10).repeat_interleave(20)                                            # class-major labels
+    with torch.no_grad():
+        pred = judge(x).argmax(1)
+    per_class = [(pred[y == c] == c).float().mean().item() for c in range(10)]
+    acc = (pred == y).float().mean().item()
+    # chance is 0.10; a model that ignored its label would score ~0.10 whatever its image quality
+    assert acc > LEARN_MIN_ACC, f"accuracy {acc:.2f}, per class {per_class}"
+    assert sum(a > 0.1 for a in per_class) >= 5, f"fewer than half the classes above chance: {per_class}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Clear errors
+# ------------------------------------------------------------------------------------------------
+def test_missing_data_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.main(["--data", "array", "--data_path", str(tmp_path / "nope.npz"), "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="needs --data_path"):
+        train.main(["--data", "folder", "--output_dir", str(tmp_path)])
+
+
+def test_unknown_model(tmp_path, capsys, full_run):
+    with pytest.raises(SystemExit):
+        train.main(["--model", "mar_giant", "--output_dir", str(tmp_path)])
+    assert "invalid choice: 'mar_giant'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown --model 'mar_giant'"):
+        sample.main(["--ckpt", str(full_run), "--model", "mar_giant", "--out", str(tmp_path / "x.png")])
+
+
+def test_checkpoint_of_another_size(tmp_path, full_run):
+    with pytest.raises(ValueError, match="holds a 'mar_tiny'"):
+        sample.main(["--ckpt", str(full_run), "--model", "mar_base", "--out", str(tmp_path / "x.png")])
+    ckpt = T.torch_load(full_run)
+    ckpt["config"]["model"] = "mar_small"            # weights of mar_tiny, config of another size
+    torch.save(ckpt, tmp_path / "lying.pth")
+    with pytest.raises(ValueError, match="checkpoint does not match"):
+        sample.main(["--ckpt", str(tmp_path / "lying.pth"), "--out", str(tmp_path / "x.png")])
+
+
+def test_bad_num_images_and_labels(tmp_path, full_run):
+    with pytest.raises(ValueError, match="not a positive multiple of the 10 classes"):
+        sample.main(["--ckpt", str(full_run), "--num_images", "15", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match="out of range"):
+        sample.main(["--ckpt", str(full_run), "--labels", "3,12", "--out", str(tmp_path / "x.png")])
+
+
+def test_missing_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        sample.main(["--ckpt", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(FileNotFoundError, match="never means 'start from scratch'"):
+        train.main(["--resume", str(tmp_path / "none.pth"), "--output_dir", str(tmp_path)])
+
+
+def test_resume_refuses_other_settings_and_overwrite(tmp_path, full_run):
+    with pytest.raises(ValueError, match="seed: checkpoint 0 vs now 1"):
+        train.main(TRAIN_TINY + ["--seed", "1", "--resume", str(full_run), "--output_dir", str(tmp_path)])
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.main(TRAIN_TINY + ["--output_dir", str(full_run.parent)])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    forward = train.mar.MAR.forward
+
+    def poisoned(self, tokens, labels=None):   # the loss turns NaN from step 3 on
+        loss = forward(self, tokens, labels)
+        poisoned.calls += 1
+        return loss * float("nan") if poisoned.calls > 2 else loss
+    poisoned.calls = 0
+    monkeypatch.setattr(train.mar.MAR, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss/gradient at step 2"):
+        train.main(TRAIN_TINY + ["--ckpt_every", "2", "--max_steps", "6", "--output_dir", str(tmp_path)])
+    ckpt = T.torch_load(tmp_path / "checkpoint-last.pth")
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_sample_torchrun_gathers_the_same_images(full_run, tmp_path):
+    # 2 ranks share 3 batches (the last one partial) and rank 0 writes one file: the single-process images
+    common = ["--ckpt", str(full_run), "--num_images", "10", "--batch_size", "4", "--num_iter", "4",
+              "--num_sampling_steps", "5"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           os.path.join(HERE, "sample.py")] + common + ["--npz", str(tmp_path / "ddp.npz"), "--out", str(tmp_path / "d.png")]
+    out = subprocess.run(cmd, env=TRAIN_ENV, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    sample.main(common + ["--npz", str(tmp_path / "one.npz"), "--out", str(tmp_path / "o.png")])
+    a, b = np.load(tmp_path / "ddp.npz")["arr_0"], np.load(tmp_path / "one.npz")["arr_0"]
+    assert a.shape == (10, 8, 8, 1) and np.array_equal(a, b)
+    assert not os.path.exists(str(tmp_path / "ddp.npz") + ".parts")
 
 # ==============================================================================================
 # Speed benchmark (benchmarks/speed.py): its tiny CPU run keeps working

@@ -1,0 +1,456 @@
+"""
+train.py -- train MAR (or the causal AR baseline) with the Diffusion Loss. One script for one CPU,
+one GPU and many GPUs: under torchrun (RANK set) it runs DDP, otherwise it is rank 0 of 1.
+
+How it fits: data (the built-in shapes below, or tokenizer.py's loaders) -> tokenizer.py turns images
+into continuous tokens -> mar.py's model returns the Diffusion Loss (paper Sec. 3) -> AdamW + EMA,
+the paper's recipe (FACTS.md "Optimizer") -> checkpoints that sample.py and mar.load_checkpoint read.
+
+Run:
+  python train.py                      # mar_tiny on the built-in 16x16 shapes, ~6 epochs (937 steps) in
+                                       # under 10 minutes on a 2-core CPU: output/checkpoint-last.pth,
+                                       # metrics.jsonl and samples_0000937.png (8 per class, one row each)
+  python sample.py --cfg 3.0           # sample from output/checkpoint-last.pth
+
+  # ImageNet 256 with KL-16 tokens, MAR-B, the paper's recipe (global batch 2048, 800 epochs):
+  # cache the VAE posteriors once (each image and its flip; the released code's cache step), then train:
+  python -c "import tokenizer as tk; tk.cache_latents(tk.ImageFolder('imagenet/train', 256), \
+      tk.load_vae('kl16.ckpt'), 'cache/in256', device='cuda')"
+  torchrun --nproc_per_node=8 train.py --model mar_base --data latents --data_path cache/in256 \
+      --vae kl16.ckpt --batch_size 128 --accum_iter 2 --blr 1e-4 --epochs 800 --warmup_epochs 100 \
+      --num_workers 8 --output_dir out/mar_base
+  # or read the JPEGs directly (encodes with the VAE every step): --data folder --data_path imagenet/train
+  # several nodes: the same command on each, with torchrun's rendezvous flags, e.g.
+  torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$HEAD_NODE --master_port=29500 \
+      --nproc_per_node=8 train.py ...  (--batch_size 64 --accum_iter 1 keeps the global batch at 2048)
+  # continue a run exactly where it stopped (Ctrl-C / SIGTERM saves a checkpoint first):
+  python train.py --resume output/checkpoint-last.pth
+
+Reproducibility. The global batch of step s is cut into world_size * accum_iter shards of batch_size
+images. Shard j of step s gets its images from a seeded per-epoch permutation, its flips and every
+random draw of the model (mask ratio, orders, label drop, dropout, diffusion t and noise) from the
+seed (seed, s, j). So training is a pure function of (seed, batch_size, world_size * accum_iter):
+--resume continues the same loss curve, and 2 processes x 1 shard equal 1 process x 2 accumulated
+shards (up to float summation order). No RNG state needs saving.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import mar
+import tokenizer as tk
+from sample import DEFAULT_OUTPUT_DIR, autocast, generate, grid_classes, print0, save_grid, setup_distributed
+
+DATA_SOURCES = ("builtin", "folder", "latents", "array", "fashion_mnist")
+
+
+# ------------------------------------------------------------------------------------------------
+# The built-in data set: 10 classes of shapes drawn by code (deterministic, no files)
+# ------------------------------------------------------------------------------------------------
+SHAPES = ("disk", "ring", "square", "frame", "plus", "cross", "h-stripes", "v-stripes", "triangle", "checker")
+BUILTIN_PER_CLASS = 1000
+
+
+def make_shapes(n_per_class, image_size=16, seed=0):
+    """-> (uint8 images (N, S, S), labels (N,)), N = 10 * n_per_class, classes interleaved.
+
+    Each shape gets a random size, position and brightness (and stripes a random period and phase) from a
+    seeded generator, so the set is the same on every machine. Shapes are drawn from a signed distance
+    (positive inside) through a sigmoid: anti-aliased edges, no jaggies at 16x16. All ten are symmetric
+    under a horizontal flip, so the paper's flip augmentation keeps every label valid."""
+    g = torch.Generator().manual_seed(seed)
+    n, s = n_per_class * len(SHAPES), image_size
+    labels = torch.arange(len(SHAPES)).repeat(n_per_class)
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, 1, 1, generator=g)   # (N, 1, 1) uniform draws
+    r = u(0.22, 0.38) * s                                                   # half-size in pixels
+    cx, cy = (u(-1, 1) * (s / 2 - r - 0.5) + s / 2 for _ in range(2))      # keeps the shape inside
+    period, phase, bright = u(0.2, 0.3) * s, u(0, 2 * math.pi), u(0.6, 1.0)
+    grid = torch.arange(s, dtype=torch.float32) + 0.5
+    x, y = grid.view(1, 1, s).expand(n, s, s), grid.view(1, s, 1).expand(n, s, s)
+    dx, dy = x - cx, y - cy                                                  # (N, S, S)
+    w = 0.09 * s                                                             # stroke half-width
+    dist_, box = torch.hypot(dx, dy), torch.maximum(dx.abs(), dy.abs())     # circle / square distances
+    wave = lambda v, p: torch.sin(2 * math.pi * v / p + phase) * s / 8
+    sdf = torch.stack([
+        r - dist_,                                                           # disk
+        w - (dist_ - r).abs(),                                               # ring
+        r - box,                                                             # square
+        w - (box - r).abs(),                                                 # frame
+        torch.minimum(torch.maximum(w - dx.abs(), w - dy.abs()), r - box),   # plus
+        torch.minimum(w - (dx.abs() - dy.abs()).abs() / math.sqrt(2), r - box),  # cross (X)
+        wave(y, period),                                                     # horizontal stripes
+        wave(x, period),                                                     # vertical stripes
+        torch.minimum(torch.minimum(r - dy, dy + r), 0.9 * ((dy + r) / 2 - dx.abs())),  # triangle
+        torch.sin(math.pi * dx / period) * torch.sin(math.pi * dy / period) * s / 8,   # checkerboard
+    ], 1)[torch.arange(n), labels]                                           # (N, S, S)
+    return (torch.sigmoid(4 * sdf) * bright * 255).round().to(torch.uint8), labels
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: every random choice belongs to the step sampler, so a batch is a function of (seed, step, shard)
+# ------------------------------------------------------------------------------------------------
+def shard_seed(seed, step, shard, stream=0):
+    """One 63-bit seed per (run seed, step, shard, stream): stream 0 = the model's draws, 1 = data flips."""
+    return (((seed * 1_000_003 + step) * 65_537 + shard) * 2 + stream) % 2**63
+
+
+class StepSampler:
+    """Batch sampler yielding, for steps start..stop-1 and this rank's shards, lists of (index, flip).
+
+    The item at stream position q = step * global_batch + shard * batch_size + k is element q % N of
+    epoch q // N's permutation (torch.randperm seeded by (seed, epoch)); flips come from shard_seed."""
+
+    def __init__(self, n, batch_size, num_shards, shards, seed, hflip, start, stop):
+        self.n, self.batch_size, self.num_shards, self.shards = n, batch_size, num_shards, shards
+        self.seed, self.hflip, self.start, self.stop = seed, hflip, start, stop
+        self._perms = {}
+
+    def perm(self, epoch):
+        if epoch not in self._perms:
+            self._perms = {k: v for k, v in self._perms.items() if k >= epoch - 1}  # keep memory flat
+            self._perms[epoch] = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return self._perms[epoch]
+
+    def batch(self, step, shard):
+        q = step * self.batch_size * self.num_shards + shard * self.batch_size + torch.arange(self.batch_size)
+        index = [int(self.perm(int(e))[int(i)]) for e, i in zip(q // self.n, q % self.n)]
+        g = torch.Generator().manual_seed(shard_seed(self.seed, step, shard, stream=1))
+        flip = torch.randint(2, (self.batch_size,), generator=g) if self.hflip else torch.zeros(self.batch_size, dtype=torch.long)
+        return list(zip(index, flip.tolist()))
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            for shard in self.shards:
+                yield self.batch(step, shard)
+
+    def __len__(self):
+        return (self.stop - self.start) * len(self.shards)
+
+
+class Flippable(torch.utils.data.Dataset):
+    """Item (i, flip) -> (image or latent moments, label), mirrored horizontally when flip is 1.
+    Cached latents already hold each image's flip (tokenizer.cache_latents): pick it, do not mirror."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, flip = key
+        if isinstance(self.dataset, tk.CachedLatents):
+            return torch.from_numpy(np.array(self.dataset.moments[i, flip])), int(self.dataset.labels[i])
+        x, label = self.dataset[i]
+        return (x.flip(-1) if flip else x), label
+
+
+def load_array_file(path):
+    """.npz (images under 'images' or 'arr_0', optional 'labels') or .npy (images, unlabelled)."""
+    data = np.load(path)
+    if path.endswith(".npy"):
+        return tk.ArrayDataset(data)
+    key = "images" if "images" in data else "arr_0"
+    if key not in data:
+        raise ValueError(f"{path!r} has no 'images' or 'arr_0' array (found {list(data)})")
+    return tk.ArrayDataset(data[key], data["labels"] if "labels" in data else None)
+
+
+def load_data(args):
+    """-> dataset with .num_classes; items (image (C, S, S) in [-1, 1], label) or (moments, label)."""
+    path = args.data_path
+    if args.data == "fashion_mnist" and path is None:
+        path = tk.FASHION_MNIST_DIR
+    if args.data != "builtin":
+        if path is None:
+            raise ValueError(f"--data {args.data} needs --data_path")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--data_path {path!r} does not exist (--data {args.data})")
+    if args.data == "builtin":
+        images, labels = make_shapes(BUILTIN_PER_CLASS, args.image_size or 16)
+        return tk.ArrayDataset(images.numpy(), labels.numpy(), num_classes=len(SHAPES))
+    if args.data == "folder":
+        return tk.ImageFolder(path, args.image_size or 256)
+    if args.data == "latents":
+        return tk.CachedLatents(path)
+    return load_array_file(path) if args.data == "array" else tk.load_fashion_mnist(path)
+
+
+def make_tokenizer(args, dataset):
+    """Pixel patches (small images) or KL-16 latents (--vae); checks the image size against the data."""
+    if args.vae is None:
+        if args.data == "latents":
+            raise ValueError("--data latents holds VAE posteriors: pass the --vae that cached them (kl16.ckpt)")
+        size = getattr(dataset, "image_size", args.image_size)
+        if args.image_size not in (None, size):
+            raise ValueError(f"--image_size {args.image_size} but the {args.data} images are {size}x{size}")
+        return tk.PixelTokenizer(size, dataset.channels, args.patch_size or 4)
+    vae = tk.load_vae(args.vae)
+    if args.data == "latents":
+        size = dataset.moments.shape[-1] * vae.downsample_factor
+    else:
+        size = getattr(dataset, "image_size", args.image_size or 256)
+    return tk.KLTokenizer(vae, size, args.patch_size or 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimisation: the paper's schedule and EMA
+# ------------------------------------------------------------------------------------------------
+def learning_rate(step, peak, warmup_steps, total_steps, schedule):
+    """Linear warmup to `peak` (step 0 already trains), then constant (the paper) or cosine to 0."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return peak
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay, step):
+    """ema <- d * ema + (1 - d) * model, every step. d ramps as min(decay, (1 + step) / (10 + step)):
+    a short run still gets a useful average; from step ~90k on it is the paper's 0.9999, and a full
+    ImageNet run's final EMA is the same (what came before step 90k is weighted by < e^-40)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - d)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+# Arguments that change the numbers: resuming with a different value would silently start another run.
+MUST_MATCH = ("model", "data", "image_size", "patch_size", "hflip", "seed", "batch_size", "shards", "blr",
+              "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay")
+
+
+def save_checkpoint(path, state):
+    """Atomic: a crash mid-write leaves the previous file intact (write a temp file, then rename)."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def check_resume(ckpt, run_args, tokenizer_cfg):
+    old = ckpt["args"]
+    keys = MUST_MATCH + (("epochs",) if run_args["lr_schedule"] == "cosine" else ())
+    diff = [f"{k}: checkpoint {old.get(k)!r} vs now {run_args.get(k)!r}" for k in keys if old.get(k) != run_args.get(k)]
+    if ckpt["tokenizer"] != tokenizer_cfg:
+        diff.append(f"tokenizer: checkpoint {ckpt['tokenizer']} vs now {tokenizer_cfg}")
+    if diff:
+        raise ValueError("--resume: this run's settings differ from the checkpoint's, so it would not continue "
+                         "the same run:\n  " + "\n  ".join(diff) + "\n  (shards = world_size * accum_iter)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", default="mar_tiny", choices=list(mar.MODELS), help="size from mar.MODELS")
+    a("--data", default="builtin", choices=DATA_SOURCES,
+      help="builtin: shapes drawn by code; folder: root/<class>/<images>; latents: a tokenizer.cache_latents "
+           "directory; array: .npz/.npy of uint8 images; fashion_mnist: its idx files")
+    a("--data_path", default=None, help="folder, cache directory, array file or idx directory")
+    a("--image_size", type=int, default=None, help="builtin / folder image size (default 16 / 256)")
+    a("--patch_size", type=int, default=None, help="token = p x p patch: pixels (default 4) or VAE latents (default 1)")
+    a("--vae", default=None, help="kl16.ckpt: model KL-16 latents instead of pixels")
+    a("--hflip", action=argparse.BooleanOptionalAction, default=True,
+      help="random horizontal flips (the paper's augmentation); --no-hflip for digits or text")
+    a("--batch_size", type=int, default=64, help="images per process per micro-step")
+    a("--accum_iter", type=int, default=1, help="micro-steps per optimizer step (global batch = batch x procs x this)")
+    a("--epochs", type=float, default=6, help="length of the run and of the cosine schedule (paper: 800)")
+    a("--max_steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    a("--warmup_epochs", type=float, default=1, help="linear warmup (paper: 100)")
+    a("--blr", type=float, default=4e-3,
+      help="base lr: lr = blr * global_batch / 256 (paper: 1e-4 for MAR-B..H; mar_tiny on shapes: 4e-3)")
+    a("--lr_schedule", choices=("constant", "cosine"), default="constant", help="after warmup (paper: constant)")
+    a("--weight_decay", type=float, default=0.02, help="on weight matrices (paper: 0.02)")
+    a("--grad_clip", type=float, default=3.0, help="max gradient norm (paper: 3.0)")
+    a("--ema_decay", type=float, default=0.9999, help="EMA of the weights, used for sampling (paper: 0.9999)")
+    a("--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory")
+    a("--seed", type=int, default=0)
+    a("--num_workers", type=int, default=0, help="DataLoader processes (use ~8 for --data folder/latents)")
+    a("--output_dir", default=DEFAULT_OUTPUT_DIR)
+    a("--resume", default=None, help="checkpoint to continue (it must exist)")
+    a("--log_every", type=int, default=50)
+    a("--ckpt_every", type=int, default=500)
+    a("--sample_every", type=int, default=1000, help="preview grid every N steps and at the end; 0 = none")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "accum_iter", "log_every", "ckpt_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.resume is not None and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint (a missing file never means "
+                                "'start from scratch': drop --resume to start a new run)")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = setup_distributed()
+    try:
+        train(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, device):
+    is_main = rank == 0
+    shards = world * args.accum_iter
+    global_batch = args.batch_size * shards
+    run_args = dict(vars(args), world_size=world, shards=shards)   # a plain dict: loads with weights_only
+    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    if args.resume is None and os.path.exists(ckpt_path):
+        raise FileExistsError(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or pick a new --output_dir")
+
+    dataset = load_data(args)
+    tokenizer = make_tokenizer(args, dataset).to(device)
+    ckpt = tk.torch_load(args.resume) if args.resume else None
+    if ckpt is not None:
+        check_resume(ckpt, run_args, tokenizer.config())
+
+    torch.manual_seed(args.seed)                                         # same initial weights on every rank
+    extra = {"grad_checkpointing": True} if args.grad_checkpointing else {}
+    if isinstance(tokenizer, tk.PixelTokenizer):
+        extra["clip_x0"] = 1.0                    # pixel tokens lie in [-1, 1]: clip x0 while sampling
+    model = mar.build_model(args.model, seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim,
+                            num_classes=dataset.num_classes, **extra)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(mar.param_groups(model, args.weight_decay), lr=0.0, betas=(0.9, 0.95))
+    step = 0
+    if ckpt is not None:
+        tk.load_state_dict_strict(model, ckpt["model"], f"{args.model} (resume)")
+        tk.load_state_dict_strict(ema, ckpt["model_ema"], f"{args.model} EMA (resume)")
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    model.to(device)
+    ema.to(device)
+    opt.load_state_dict(opt.state_dict())        # moves a resumed optimizer's state onto the device
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+
+    steps_per_epoch = len(dataset) / global_batch
+    total_steps = max(1, round(args.epochs * steps_per_epoch))
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    stop_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
+    peak_lr = args.blr * global_batch / 256                               # the paper's linear scaling rule
+    my_shards = list(range(rank * args.accum_iter, (rank + 1) * args.accum_iter))
+    sampler = StepSampler(len(dataset), args.batch_size, shards, my_shards, args.seed, args.hflip, step, stop_step)
+    loader = iter(torch.utils.data.DataLoader(Flippable(dataset), batch_sampler=sampler, num_workers=args.num_workers,
+                                              pin_memory=device.type == "cuda"))
+
+    if is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        metrics = os.path.join(args.output_dir, "metrics.jsonl")
+        rows = []
+        if ckpt is not None and os.path.exists(metrics):               # drop what came after the checkpoint
+            rows = [r for r in open(metrics) if json.loads(r)["step"] <= step]
+        with open(metrics, "w") as f:
+            f.writelines(rows)
+    n_params = sum(p.numel() for p in model.parameters())
+    print0(f"{args.model}: {n_params / 1e6:.2f}M parameters, tokens {tokenizer.seq_len} x {tokenizer.token_dim}, "
+           f"{dataset.num_classes} classes, {len(dataset)} images | {world} process(es) on {device}, global batch "
+           f"{global_batch}, lr {peak_lr:.2e}, {total_steps} steps ({steps_per_epoch:.1f}/epoch)"
+           + (f", resuming at step {step}" if step else ""))
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:          # a second Ctrl-C: give up on the clean stop
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        print(f"[rank {rank}] {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def checkpoint():
+        if is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "model_ema": ema.state_dict(), "config": model.config,
+                "tokenizer": tokenizer.config(), "optimizer": opt.state_dict(), "step": step,
+                "epoch": int(step / steps_per_epoch), "args": run_args})
+
+    def preview():
+        if is_main and args.sample_every > 0:
+            labels = torch.tensor(grid_classes(dataset.num_classes), device=device).repeat_interleave(8)
+            g = torch.Generator(device).manual_seed(args.seed)
+            images = generate(ema, tokenizer, labels, g)          # sample.py's defaults: no CFG, 64 steps (<= seq)
+            save_grid(images, os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
+
+    loss_sum, window_start, window_steps, t_start = torch.zeros((), device=device), time.time(), 0, time.time()
+    try:
+        while step < stop_step:
+            lr = learning_rate(step, peak_lr, warmup_steps, total_steps, args.lr_schedule)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.train()
+            for a in range(args.accum_iter):
+                x, labels = next(loader)
+                x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                torch.manual_seed(shard_seed(args.seed, step, my_shards[a]))  # all of the model's draws
+                with torch.no_grad():                                     # tokens in fp32: frozen tokenizer
+                    tokens = tokenizer.tokens_from_moments(x) if args.data == "latents" else tokenizer.encode(x)
+                sync = a == args.accum_iter - 1 or world == 1             # DDP all-reduces on the last one
+                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device):
+                    loss = ddp(tokens, labels) / args.accum_iter
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if not math.isfinite(grad_norm.item()):   # the same value on every rank: grads are all-reduced
+                raise FloatingPointError(
+                    f"non-finite loss/gradient at step {step} (grad norm {grad_norm.item()}): stopping. The last "
+                    f"good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}; try a lower --blr.")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_ema(ema, model, args.ema_decay, step)
+            step += 1
+            window_steps += 1
+
+            stopping = stop["signal"] is not None
+            if world > 1:                              # every rank must stop after the same step
+                flag = torch.tensor(float(stopping), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if step % args.log_every == 0 or step == stop_step or stopping:
+                if world > 1:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                elapsed = time.time() - window_start
+                row = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=loss_sum.item() / window_steps,
+                           lr=lr, grad_norm=round(grad_norm.item(), 4), images_per_s=round(window_steps * global_batch / elapsed, 1),
+                           elapsed_s=round(time.time() - t_start, 1))
+                eta = (stop_step - step) * elapsed / window_steps
+                print0(f"step {step}/{stop_step} | epoch {row['epoch']:.2f} | loss {row['loss']:.4f} | lr {lr:.2e} | "
+                       f"{row['images_per_s']:.0f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+                if is_main:
+                    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                loss_sum.zero_()
+                window_start, window_steps = time.time(), 0
+            if step % args.ckpt_every == 0 or step == stop_step or stopping:
+                checkpoint()
+            if args.sample_every > 0 and (step % args.sample_every == 0 or step == stop_step):
+                preview()
+            if stopping:
+                print0(f"stopped by signal at step {step}; continue with --resume {ckpt_path}")
+                break
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    print0(f"done: step {step}, {time.time() - t_start:.0f} s; checkpoint {ckpt_path}")
+
+
+if __name__ == "__main__":
+    main()
