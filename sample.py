@@ -240,4 +240,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        # bad input (or a stopped run): the message says what to fix; a traceback would bury it
+        raise SystemExit(f"sample.py: error: {e}")

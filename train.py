@@ -453,4 +453,8 @@ def train(args, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        # bad input (or a stopped run): the message says what to fix; a traceback would bury it
+        raise SystemExit(f"train.py: error: {e}")
