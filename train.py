@@ -221,10 +221,9 @@ def update_ema(ema, model, decay, step):
     a short run still gets a useful average; from step ~90k on it is the paper's 0.9999, and a full
     ImageNet run's final EMA is the same (what came before step 90k is weighted by < e^-40)."""
     d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - d)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+    # One multi-tensor launch for all weights. Buffers need no averaging: the models' only buffers are
+    # the Diffusion Loss schedule constants, equal in both copies.
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
 
 
 # ------------------------------------------------------------------------------------------------

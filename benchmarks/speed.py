@@ -7,7 +7,7 @@ What it measures, with random weights of the released shapes (seq 256 x 16 KL-16
           (`KLTokenizer.decode`), timed separately: s/image with and without the decode.
   train   one full training step per iteration on cached-latent-shaped random tokens (B, 256, 16):
           forward (random mask, diffusion_batch_mul 4 as in the model) + backward + grad clip 3.0 +
-          AdamW (paper's param_groups, fused on CUDA) + EMA of every weight (torch._foreach_lerp_).
+          AdamW (paper's param_groups, fused on CUDA) + train.py's EMA update of every weight.
           Data loading is not included (the released code trains from cached latents too).
 Each row: warm-up runs first (they also absorb torch.compile), then `--repeats` timed runs; the
 median is reported. On CUDA every timed region is bracketed by torch.cuda.synchronize(); peak memory
@@ -39,6 +39,8 @@ CI / CPU smoke run (seconds; a tiny VAE with random weights decodes when seq_len
 """
 import argparse
 import contextlib
+import copy
+import itertools
 import json
 import math
 import os
@@ -50,6 +52,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root's modules
 import mar  # noqa: E402
+import train  # noqa: E402
 from tokenizer import VAE_CONFIGS, AutoencoderKL, KLTokenizer  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -147,7 +150,8 @@ def bench_train(model, batch, args, device, dtype):
     opt = torch.optim.AdamW(mar.param_groups(model, 0.02), lr=1e-4 * batch / 256, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    ema = [p.detach().clone() for p in params]
+    ema = copy.deepcopy(model).requires_grad_(False)
+    count = itertools.count()
 
     def step():
         tokens = torch.randn(batch, model.seq_len, model.token_dim, device=device)  # cached-latent shaped
@@ -160,7 +164,7 @@ def bench_train(model, batch, args, device, dtype):
         torch.nn.utils.clip_grad_norm_(params, 3.0)
         scaler.step(opt)
         scaler.update()
-        torch._foreach_lerp_(ema, params, 1 - 0.9999)  # ema = d * ema + (1 - d) * w, one fused launch
+        train.update_ema(ema, model, 0.9999, next(count))  # train.py's EMA, every step
 
     def run():
         return timed(lambda: [step() for _ in range(args.train_steps)], device)[1]
