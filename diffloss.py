@@ -194,8 +194,9 @@ class DiffLoss(nn.Module):
         self.in_channels, self.z_channels = target_channels, z_channels
         # clip_x0: clamp each step's predicted x_0 to [-clip_x0, clip_x0] while sampling. For tokens
         # with a known range (pixels in [-1, 1]) this is DDPM's clip_denoised: it stops the first step,
-        # where eps errors are multiplied by 1/sqrt(abar(999)) = 2e4, from throwing samples far out of
-        # range. None (the released setting for KL-16 latents, which have no fixed range) never clips.
+        # whose x_0 estimate multiplies eps errors by sqrt(1/abar(999) - 1) = 2e4, from throwing samples
+        # far out of range. None (the released setting for KL-16 latents, which have no fixed range)
+        # never clips.
         self.clip_x0 = clip_x0
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth,
                                   grad_checkpointing)
