@@ -9,7 +9,7 @@ MAR (paper Sec. 3-5) models a sequence of continuous tokens; the model only ever
     its state dict has exactly the names and shapes of the released `kl16.ckpt` (testdata/kl16_vae.txt);
     `VAE_CONFIGS["kl8"]` describes LDM's f8 model (4 channels), used with patch_size=2 (paper Table 2).
   * `KLTokenizer` (tokens = posterior sample * 0.2325) and `PixelTokenizer` (raw p x p patches, no
-    weights, for small images) share one duck-typed interface: `.seq_len`, `.token_dim`,
+    weights, for small images) share one duck-typed interface: `.seq_len`, `.token_dim`, `.token_bound`,
     `.encode(images in [-1, 1]) -> (B, seq, token_dim)`, `.decode(tokens) -> images in [-1, 1]`,
     `.config()` -> plain dict, rebuilt by `build_tokenizer(cfg, vae_path)`.
   * `cache_latents` / `CachedLatents`: the released code's cache step (encode every image and its
@@ -314,7 +314,7 @@ def load_vae(path, name="kl16", **overrides):
 
 
 # ------------------------------------------------------------------------------------------------
-# Tokenizers: one duck-typed interface (seq_len, token_dim, encode, decode, config, to)
+# Tokenizers: one duck-typed interface (seq_len, token_dim, token_bound, encode, decode, config, to)
 # ------------------------------------------------------------------------------------------------
 def _check_images(images, channels, size, who):
     if images.ndim != 4 or images.shape[1] != channels or images.shape[2] != size or images.shape[3] != size:
@@ -332,6 +332,7 @@ class PixelTokenizer:
         self.image_size, self.channels, self.patch_size = image_size, channels, patch_size
         self.seq_len = (image_size // patch_size) ** 2
         self.token_dim = channels * patch_size ** 2
+        self.token_bound = 1.0  # tokens are pixel values in [-1, 1] (DiffLoss's clip_x0 uses it)
 
     def encode(self, images, generator=None):
         """(B, C, S, S) -> (B, seq_len, token_dim). Deterministic: `generator` is accepted and unused."""
@@ -364,6 +365,7 @@ class KLTokenizer:
         self.latent_size = image_size // f
         self.seq_len = (self.latent_size // patch_size) ** 2
         self.token_dim = vae.embed_dim * patch_size ** 2
+        self.token_bound = None  # latents have no fixed range (the released sampler never clips)
 
     @torch.no_grad()
     def encode(self, images, generator=None):
@@ -471,7 +473,10 @@ class CachedLatents(torch.utils.data.Dataset):
         return len(self.moments)
 
     def __getitem__(self, i):
-        flip = int(torch.randint(2, (), generator=self.generator))
+        return self.read(i, int(torch.randint(2, (), generator=self.generator)))
+
+    def read(self, i, flip):
+        """(moments of image i, or of its flip when flip is 1, label): for samplers that pick the flip."""
         return torch.from_numpy(np.array(self.moments[i, flip])), int(self.labels[i])
 
 

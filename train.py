@@ -150,7 +150,7 @@ class Flippable(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, flip = key
         if isinstance(self.dataset, tk.CachedLatents):
-            return torch.from_numpy(np.array(self.dataset.moments[i, flip])), int(self.dataset.labels[i])
+            return self.dataset.read(i, flip)
         x, label = self.dataset[i]
         return (x.flip(-1) if flip else x), label
 
@@ -323,8 +323,8 @@ def train(args, rank, world, device):
 
     torch.manual_seed(args.seed)                                         # same initial weights on every rank
     extra = {"grad_checkpointing": True} if args.grad_checkpointing else {}
-    if isinstance(tokenizer, tk.PixelTokenizer):
-        extra["clip_x0"] = 1.0                    # pixel tokens lie in [-1, 1]: clip x0 while sampling
+    if tokenizer.token_bound is not None:        # bounded tokens (pixels): clip x0 while sampling
+        extra["clip_x0"] = tokenizer.token_bound
     model = mar.build_model(args.model, seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim,
                             num_classes=dataset.num_classes, **extra)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
