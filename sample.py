@@ -7,7 +7,7 @@ K steps in random order, each token drawn by the Diffusion Loss sampler, Sec. 3.
 decodes the tokens into images. train.py calls `generate` / `save_grid` for its preview grids.
 
 Run:
-  python sample.py                                    # latest train.py checkpoint -> samples.png
+  python sample.py                                    # output/checkpoint-last.pth -> output/samples.png
   python sample.py --ckpt output/checkpoint-last.pth --cfg 3.0 --num_iter 16 --out grid.png
   # released MAR-B, ImageNet 256, the paper's FID setting (50 images per class -> 50,000 in one .npz):
   torchrun --nproc_per_node=8 sample.py --ckpt mar_base/checkpoint-last.pth --model mar_base \
@@ -140,7 +140,10 @@ def plan_labels(args, num_classes):
     """All images' labels, class-major: (N,) long."""
     evaluation = args.npz is not None or args.png_dir is not None
     if args.labels:
-        classes = [int(c) for c in args.labels.split(",")]
+        try:
+            classes = [int(c) for c in args.labels.split(",")]
+        except ValueError:
+            raise ValueError(f"--labels {args.labels!r}: expected comma-separated class indices, e.g. 0,3,7") from None
         bad = [c for c in classes if not 0 <= c < num_classes]
         if bad:
             raise ValueError(f"--labels {bad} out of range: this model has {num_classes} classes (0..{num_classes - 1})")
@@ -162,7 +165,9 @@ def main(argv=None):
                    help="which weights to sample with: the EMA (the paper's choice) or the raw ones")
     p.add_argument("--model", default=None, help="expected size (mar_base, ...): checked against the file")
     p.add_argument("--vae", default=None, help="kl16.ckpt, needed to decode KL-16 tokens")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (paper: 2.9-3.2)")
+    p.add_argument("--cfg", type=float, default=1.0,
+                   help="classifier-free guidance scale: 1 = none, > 1 guides (paper: 2.9-3.2), 0..1 moves "
+                        "towards the unconditional model")
     p.add_argument("--cfg_schedule", choices=("linear", "constant"), default="linear")
     p.add_argument("--temperature", type=float, default=1.0, help="scales the diffusion sampler's noise")
     p.add_argument("--num_iter", type=int, default=64, help="MAR generation steps K (paper: 64 or 256)")
@@ -172,13 +177,24 @@ def main(argv=None):
     p.add_argument("--labels", default=None, help="comma-separated classes, e.g. 207,360 (default: all)")
     p.add_argument("--batch_size", type=int, default=64, help="images per forward pass, per process")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png", help="PNG grid (up to 8 per class, 16 classes)")
+    p.add_argument("--out", default=None,
+                   help="PNG grid (up to 8 per class, 16 classes); default: samples.png next to --ckpt")
     p.add_argument("--npz", default=None, help="write all images as uint8 NHWC under 'arr_0' (ADM format)")
     p.add_argument("--png_dir", default=None, help="write every image as <dir>/<index>.png")
     p.add_argument("--compile", action="store_true", help="torch.compile the Diffusion Loss MLP (the hot loop)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_iter < 1:
         raise ValueError("--batch_size and --num_iter must be >= 1")
+    # Guidance mixes the conditional and unconditional noise predictions as u + w (c - u) (diffloss.py):
+    # w > 1 guides, 0 <= w < 1 interpolates towards u (w = 0: unconditional), w < 0 points away from
+    # the class asked for, which no sampler intends.
+    if not args.cfg >= 0:
+        raise ValueError(f"--cfg must be >= 0, got {args.cfg} (1 = no guidance; the paper uses 2.9-3.2)")
+    if args.ckpt == p.get_default("ckpt") and not os.path.exists(args.ckpt):
+        raise FileNotFoundError(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (it writes it), "
+                                "or pass --ckpt FILE")
+    if args.out is None:                       # outputs stay with the run they came from
+        args.out = os.path.join(os.path.dirname(args.ckpt), "samples.png")
 
     rank, world, device = setup_distributed()
     model, ckpt = load_model(args)

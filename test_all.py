@@ -1441,3 +1441,120 @@ def test_speed_benchmark_tiny_cpu(tmp_path):
     assert sample["s_per_image"] > sample["s_per_image_no_decode"] > 0
     assert train["images_per_s"] > 0 and train["diffusion_batch_mul"] == 4
     assert "sample" in proc.stdout and "train" in proc.stdout   # the printed table
+
+# ==============================================================================================
+# Issue 14: what a new user trips over -- unreadable checkpoints, impossible flags, first-minute
+# feedback, where outputs go, and README commands that fit a laptop
+
+def bad_checkpoints(tmp_path):
+    """{name: path} of files torch.load cannot take safely, and a directory that must stay uncreated."""
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}, "step": 1}, good)
+    data = good.read_bytes()
+    (tmp_path / "text.pth").write_text("not a checkpoint\n")                # KeyError inside the unpickler
+    (tmp_path / "truncated.pth").write_bytes(data[:len(data) // 2])          # zip without its central directory
+    marker = tmp_path / "code-ran"
+
+    class RunsCode:                     # unpickling calls os.mkdir(marker): a blocked global
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+    torch.save({"model": RunsCode()}, tmp_path / "blocked.pth")
+    return {k: tmp_path / f"{k}.pth" for k in ("text", "truncated", "blocked")}, marker
+
+
+def test_unreadable_checkpoints_give_one_line(tmp_path):
+    files, marker = bad_checkpoints(tmp_path)
+    for kind, path in files.items():
+        for load in (lambda p: load_checkpoint(str(p)),                     # sample.py's loader
+                     lambda p: train.main(TRAIN_TINY + ["--resume", str(p), "--output_dir", str(tmp_path / "o")])):
+            with pytest.raises(ValueError) as err:
+                load(path)
+            msg = str(err.value)
+            assert "\n" not in msg and str(path) in msg and "weights_only" not in msg, msg
+            if kind == "blocked":
+                assert "safe loading refuses (posix.mkdir)" in msg and "will not be loaded" in msg, msg
+            else:
+                assert "is not a PyTorch checkpoint" in msg and "re-download it or pass another file" in msg, msg
+    assert not marker.exists()                                                # nothing in the file ran
+    # a loadable file that is not a train.py checkpoint cannot be resumed either
+    with pytest.raises(ValueError, match="is not a train.py checkpoint"):
+        train.main(TRAIN_TINY + ["--resume", str(tmp_path / "good.pth"), "--output_dir", str(tmp_path / "o")])
+
+
+def test_unreadable_checkpoint_end_to_end_has_no_traceback(tmp_path):
+    files, _ = bad_checkpoints(tmp_path)
+    for script, args in (("sample.py", ["--ckpt", str(files["truncated"])]),
+                         ("train.py", ["--resume", str(files["text"]), "--output_dir", str(tmp_path / "o")])):
+        out = subprocess.run([sys.executable, os.path.join(HERE, script)] + args, env=TRAIN_ENV, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), out.stderr
+
+
+def test_train_rejects_impossible_run_lengths(tmp_path):
+    for flags, message in ((["--epochs", "0"], "--epochs must be > 0"), (["--epochs", "-1"], "--epochs must be > 0"),
+                           (["--max_steps", "0"], "--max_steps must be >= 1"),
+                           (["--max_steps", "-2"], "--max_steps must be >= 1"),
+                           (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            train.main(TRAIN_TINY + flags + ["--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()                                      # and nothing was trained or written
+
+
+def test_sample_flags_cfg_and_labels(tmp_path, full_run):
+    common = ["--ckpt", str(full_run), "--num_images", "10", "--num_iter", "2", "--num_sampling_steps", "2"]
+    with pytest.raises(ValueError, match=r"--cfg must be >= 0, got -1.0"):
+        sample.main(common + ["--cfg", "-1", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match=r"--labels 'abc': expected comma-separated class indices"):
+        sample.main(common + ["--labels", "abc", "--out", str(tmp_path / "x.png")])
+    sample.main(common + ["--cfg", "0.5", "--out", str(tmp_path / "half.png")])   # 0..1: towards unconditional
+    assert (tmp_path / "half.png").exists()
+
+
+def test_sample_writes_next_to_its_checkpoint(tmp_path, full_run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"run `python train.py` first"):
+        sample.main([])                                                       # no output/checkpoint-last.pth here
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-last.pth").write_bytes(full_run.read_bytes())
+    sample.main(["--ckpt", str(run / "checkpoint-last.pth"), "--num_images", "10", "--num_iter", "2",
+                 "--num_sampling_steps", "2"])
+    assert (run / "samples.png").exists() and not (tmp_path / "samples.png").exists()
+
+
+def test_first_step_feedback_and_running_average_eta(tmp_path, monkeypatch, capsys):
+    # A clock that only moves in the model's forward: the first step takes 10 s (start-up), later ones 1 s.
+    clock = [0.0]
+    forward = train.mar.MAR.forward
+
+    def timed(self, tokens, labels=None):
+        clock[0] += 10.0 if clock[0] == 0 else 1.0
+        return forward(self, tokens, labels)
+    monkeypatch.setattr(train.mar.MAR, "forward", timed)
+    monkeypatch.setattr(train, "time", argparse.Namespace(time=lambda: clock[0]))
+    train.main(TRAIN_TINY + ["--max_steps", "5", "--log_every", "3", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "5 steps (--max_steps; the schedule has 2500)" in out              # the steps that will run
+    # step 1 at once, with its time; its ETA is 4 steps x 10 s
+    assert "step 1/5 | first step 10.0 s (includes start-up) | ETA 0m40s" in out, out
+    # step 3: the mean of steps 2..3 (1 s), not a window that holds the start-up: 2 steps left -> 2 s
+    assert "step 3/5" in out and out.split("step 3/5")[1].split("\n")[0].endswith("ETA 0m02s"), out
+    assert (train.duration(3725.2), train.duration(65), train.duration(0)) == ("1h02m05s", "1m05s", "0m00s")
+
+
+def test_readme_install_and_laptop_commands():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    install = readme.split("## Install")[1].split("\n## ")[0]
+    assert "--index-url https://download.pytorch.org/whl/cpu" in install     # the CPU build, not GBs of CUDA
+    # every `python train.py ...` line of the README parses; the Fashion-MNIST one for a laptop is 49 tokens
+    lines = [line.split("#")[0].split() for line in readme.splitlines()
+             if line.startswith("python train.py") and "--resume" not in line]      # --resume needs its file
+    for words in lines:
+        train.get_args(words[2:])
+    fashion = [train.get_args(w[2:]) for w in lines if "fashion_mnist" in w and "mar_tiny" in w]
+    assert fashion, "no Fashion-MNIST command with mar_tiny"
+    images = T.ArrayDataset(np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int64))
+    tok = train.make_tokenizer(fashion[0], images)
+    assert (tok.seq_len, tok.token_dim) == (49, 16)

@@ -29,6 +29,7 @@ Example, the cache step for ImageNet 256 (then train from `CachedLatents("cache/
 import argparse
 import gzip
 import os
+import re
 
 import numpy as np
 import torch
@@ -49,12 +50,27 @@ def torch_load(path):
     """Load a checkpoint file safely (weights_only=True): tensors and plain containers only.
 
     The original MAR training checkpoints pickle an `argparse.Namespace` under "args"; it is
-    allow-listed so that those files load without trusting arbitrary pickled code.
+    allow-listed so that those files load without trusting arbitrary pickled code. A file that is
+    not a checkpoint, or that pickles anything else, raises a one-line ValueError.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r} (check the path or download the file first)")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:                      # unreadable (permissions, I/O): the OS says why in one line
+        raise ValueError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from None
+    except Exception as e:
+        # torch.load raises a different type for each kind of damage (KeyError from a text file,
+        # RuntimeError from a truncated zip, EOFError, UnicodeDecodeError, struct.error, ...), each with
+        # a deep traceback. A pickled class or function outside the allow-list is refused: its text
+        # would suggest weights_only=False, which runs the file's code, so it is never passed on.
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if blocked:
+            raise ValueError(f"{path!r} contains pickled objects that safe loading refuses ({blocked.group(1)}): "
+                             "it will not be loaded (a checkpoint needs only tensors and plain containers): pass another file") from None
+        raise ValueError(f"{path!r} is not a PyTorch checkpoint ({type(e).__name__} while reading it: damaged, "
+                         "truncated or another kind of file): re-download it or pass another file") from None
 
 
 def load_state_dict_strict(module, state_dict, what):

@@ -241,6 +241,11 @@ def save_checkpoint(path, state):
 
 
 def check_resume(ckpt, run_args, tokenizer_cfg):
+    need = ("model", "model_ema", "optimizer", "step", "args", "tokenizer")
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in need):
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"--resume {run_args['resume']!r} is not a train.py checkpoint (it needs {', '.join(need)}; "
+                         f"found {found}): pass the checkpoint-last.pth of the run to continue")
     old = ckpt["args"]
     keys = MUST_MATCH + (("epochs",) if run_args["lr_schedule"] == "cosine" else ())
     diff = [f"{k}: checkpoint {old.get(k)!r} vs now {run_args.get(k)!r}" for k in keys if old.get(k) != run_args.get(k)]
@@ -254,6 +259,12 @@ def check_resume(ckpt, run_args, tokenizer_cfg):
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
+def duration(seconds):
+    """3725.2 -> '1h02m05s', 65 -> '1m05s': an ETA of days stays readable."""
+    h, rest = divmod(int(seconds), 3600)
+    return (f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m") + f"{rest % 60:02d}s"
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -290,6 +301,12 @@ def get_args(argv=None):
     for name in ("batch_size", "accum_iter", "log_every", "ckpt_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.epochs > 0:        # also NaN; a run of 0 epochs would still train one step
+        raise ValueError(f"--epochs must be > 0, got {args.epochs} (fractions work: --epochs 0.5)")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max_steps must be >= 1, got {args.max_steps} (leave it out to run all --epochs)")
+    if not args.warmup_epochs >= 0:
+        raise ValueError(f"--warmup_epochs must be >= 0, got {args.warmup_epochs}")
     if args.resume is not None and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint (a missing file never means "
                                 "'start from scratch': drop --resume to start a new run)")
@@ -361,7 +378,9 @@ def train(args, rank, world, device):
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"{args.model}: {n_params / 1e6:.2f}M parameters, tokens {tokenizer.seq_len} x {tokenizer.token_dim}, "
            f"{dataset.num_classes} classes, {len(dataset)} images | {world} process(es) on {device}, global batch "
-           f"{global_batch}, lr {peak_lr:.2e}, {total_steps} steps ({steps_per_epoch:.1f}/epoch)"
+           f"{global_batch}, lr {peak_lr:.2e}, {stop_step} steps"
+           + (f" (--max_steps; the schedule has {total_steps})" if stop_step < total_steps else "")
+           + f", {steps_per_epoch:.1f} steps/epoch"
            + (f", resuming at step {step}" if step else ""))
 
     stop = {"signal": None}
@@ -389,6 +408,7 @@ def train(args, rank, world, device):
             save_grid(images, os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
 
     loss_sum, window_start, window_steps, t_start = torch.zeros((), device=device), time.time(), 0, time.time()
+    start_step, t_first = step, None
     try:
         while step < stop_step:
             lr = learning_rate(step, peak_lr, warmup_steps, total_steps, args.lr_schedule)
@@ -416,13 +436,24 @@ def train(args, rank, world, device):
             update_ema(ema, model, args.ema_decay, step)
             step += 1
             window_steps += 1
+            # ETA from the mean step time since the first step of this process: the first one also pays
+            # one-time costs (thread pools, allocator, DataLoader start, autotuning), a 50-step window is noisy
+            now = time.time()
+            if t_first is None:
+                t_first = now
+            mean_step = (now - t_first) / (step - start_step - 1) if step > start_step + 1 else now - t_start
+            eta = (stop_step - step) * mean_step
+            log = step % args.log_every == 0 or step == stop_step
 
             stopping = stop["signal"] is not None
             if world > 1:                              # every rank must stop after the same step
                 flag = torch.tensor(float(stopping), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = bool(flag.item())
-            if step % args.log_every == 0 or step == stop_step or stopping:
+            if step == start_step + 1 and not (log or stopping):      # first feedback at once, not at step 50
+                print0(f"step {step}/{stop_step} | first step {now - t_start:.1f} s (includes start-up) | "
+                       f"ETA {duration(eta)} (from this step alone)")
+            if log or stopping:
                 if world > 1:
                     dist.all_reduce(loss_sum)
                     loss_sum /= world
@@ -430,9 +461,8 @@ def train(args, rank, world, device):
                 row = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=loss_sum.item() / window_steps,
                            lr=lr, grad_norm=round(grad_norm.item(), 4), images_per_s=round(window_steps * global_batch / elapsed, 1),
                            elapsed_s=round(time.time() - t_start, 1))
-                eta = (stop_step - step) * elapsed / window_steps
                 print0(f"step {step}/{stop_step} | epoch {row['epoch']:.2f} | loss {row['loss']:.4f} | lr {lr:.2e} | "
-                       f"{row['images_per_s']:.0f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+                       f"{row['images_per_s']:.0f} img/s | ETA {duration(eta)}")
                 if is_main:
                     with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                         f.write(json.dumps(row) + "\n")
