@@ -277,9 +277,21 @@ def same_config(a, b):
     return a == b
 
 
+def resolve_defaults(args):
+    """Defaults that depend on other arguments (a dict, in place): ar_* models generate in raster order."""
+    if args["model"].startswith("ar_") and args.get("order") is None:
+        args["order"] = "raster"
+    return args
+
+
+def checkpoint_args(ckpt):
+    """The arguments a checkpoint was trained with. A key missing from it is a flag added after it was
+    written: that run used the flag's default."""
+    return resolve_defaults({**vars(build_parser().parse_args([])), **ckpt["args"]})
+
+
 def check_resume(ckpt, run_args, tokenizer_cfg):
-    # A key missing from the checkpoint's args is a flag added after it was written: it ran with the default.
-    old = {**vars(build_parser().parse_args([])), **ckpt["args"]}
+    old = checkpoint_args(ckpt)
     keys = MUST_MATCH + (("epochs",) if run_args["lr_schedule"] == "cosine" else ())
     diff = [f"{k}: checkpoint {old.get(k)!r} vs now {run_args.get(k)!r}" for k in keys if old.get(k) != run_args.get(k)]
     if not same_config(ckpt["tokenizer"], tokenizer_cfg):
@@ -347,6 +359,7 @@ def get_args(argv=None):
         raise ValueError(f"--vq {args.vq}: needs K >= 2 and pixel tokens (it quantizes pixel patches, not --vae latents)")
     if args.order is not None and not args.model.startswith("ar_"):
         raise ValueError(f"--order is for the causal ar_* models; {args.model} always generates in random order")
+    resolve_defaults(vars(args))
     if args.resume is not None and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint (a missing file never means "
                                 "'start from scratch': drop --resume to start a new run)")
