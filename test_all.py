@@ -1588,3 +1588,53 @@ def test_resume_checkpoint_written_before_the_head_flags(full_run, tmp_path):
     out = run_script(TRAIN_TINY + ["--max_steps", "8", "--output_dir", str(tmp_path), "--resume", str(old),
                                    "--head", "l2"], check=False)
     assert out.returncode != 0 and "head: checkpoint 'diffusion' vs now 'l2'" in out.stderr
+
+
+def test_table1_end_to_end_tiny(tmp_path):
+    """experiments/table1.py on a 100-image stand-in for Fashion-MNIST (28x28 shapes in idx files),
+    N = 4: trains the CE run, fits the shared codebook, measures the floor, the tokenizers and one row
+    with its CFG sweep; a second call finds everything done. The feature network is a small stand-in
+    (the real Inception is tested above): with 2048-d features each FID costs two 2048 x 2048
+    eigendecompositions, minutes for this test on a busy 2-core machine."""
+    class Features(nn.Module):   # uint8 (N, 1, 28, 28) -> (4x4 mean-pooled pixels (N, 16) @ w (16, 8), no logits)
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):
+            return F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.w, None
+
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import table1
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    for split, per_class in (("train", 10), ("t10k", 2)):
+        images, labels = train.make_shapes(per_class, 28, seed=len(split))
+        write_idx(str(data / f"{split}-images-idx3-ubyte"), images.numpy())
+        write_idx(str(data / f"{split}-labels-idx1-ubyte"), labels.numpy())
+    out, table, runs = tmp_path / "t1.jsonl", tmp_path / "t1.md", tmp_path / "runs"
+    argv = ["--rows", "mar16_ce,floor,tokens", "--runs_dir", str(runs), "--out", str(out), "--table", str(table),
+            "--inception", str(tmp_path / "no_such_file.pth"), "--data_path", str(data), "--num_fid", "4", "--num_sweep", "2",
+            "--cfg_grid", "2,3", "--batch", "3", "--num_sampling_steps", "2", "--vq", "8", "--max_steps", "2"]
+    with pytest.raises(FileNotFoundError, match="--inception"):     # the weights file is checked when needed
+        table1.main(argv[:1] + ["floor"] + argv[2:])
+    table1.main(argv, inception=Features())
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["row"], r["kind"]) for r in rows] == [("floor", "floor"), ("tokens", "tokens"), ("tokens", "tokens"),
+                                                     ("mar16_ce", "final"), ("mar16_ce", "sweep"),
+                                                     ("mar16_ce", "sweep"), ("mar16_ce", "final")]
+    pixel, vq = rows[1], rows[2]
+    assert pixel["tokens"] == "pixel" and pixel["mse"] == 0 and vq["tokens"] == "vq8" and vq["mse"] > 0
+    final = rows[3]
+    assert (final["cfg"], final["n"], final["ref"], final["num_iter"], final["tokens"]) == (1.0, 4, "test", 16, "vq8")
+    assert final["train_steps"] == 2 and final["s_per_image"] > 0 and final["fid"] > 0
+    best = min(rows[4:6], key=lambda r: r["fid"])
+    assert rows[4]["ref"] == "train" and rows[6]["cfg"] == best["cfg"]      # the sweep's choice, at full N
+    ckpt = T.torch_load(str(runs / "t1_mar_tiny_ce" / "checkpoint-last.pth"))
+    assert torch.equal(ckpt["tokenizer"]["codebook"], T.torch_load(str(runs / "t1_cache" / "codebook_k8.pth"))["codebook"])
+    assert "| MAR | random | bidirect | >1 (16 steps) | CrossEnt (VQ) |" in table.read_text()
+    log = (runs / "t1_mar_tiny_ce.log").read_text()
+    table1.main(argv, inception=Features())                      # all done: nothing trained or measured again
+    assert len(out.read_text().splitlines()) == len(rows) and (runs / "t1_mar_tiny_ce.log").read_text() == log
+    with pytest.raises(ValueError, match="unknown --rows"):
+        table1.main(argv[:1] + ["mar_ce"] + argv[2:])
