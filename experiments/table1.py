@@ -118,6 +118,21 @@ def find(records, **key):
     return [r for r in records if all(r.get(k) == v for k, v in key.items())]
 
 
+def setting(args):
+    """What a measurement depends on besides its row and cfg: records of other settings are kept in the
+    JSONL but neither reused nor shown."""
+    return dict(seed=args.seed, num_sampling_steps=args.num_sampling_steps)
+
+
+def best_cfg(args, records, row):
+    """The sweep's choice: the grid scale with the lowest FID against the training images (None while
+    the sweep is incomplete)."""
+    sweep = {r["cfg"]: r["fid"] for r in find(records, row=row, kind="sweep", n=args.num_sweep, **setting(args))}
+    if not all(c in sweep for c in args.cfg_grid):
+        return None
+    return min(args.cfg_grid, key=lambda c: sweep[c])
+
+
 def append_record(path, record):
     record = dict(record, time=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__)
     with open(path, "a") as f:
@@ -148,10 +163,10 @@ def train_argv(args, name):
     return argv + (["--max_steps", str(args.max_steps)] if args.max_steps else [])
 
 
-def total_steps(args, n_train):
-    """train.py's step count for COMMON (2 epochs of batch 64), capped by --max_steps."""
-    total = max(1, round(2 * n_train / 64))
-    return min(total, args.max_steps) if args.max_steps else total
+def total_steps(train_args, n_train):
+    """The step train.py stops at for these arguments (one process, no accumulation)."""
+    total = max(1, round(train_args.epochs * n_train / train_args.batch_size))
+    return min(total, train_args.max_steps) if train_args.max_steps else total
 
 
 def ensure_trained(args, name, n_train):
@@ -168,7 +183,7 @@ def ensure_trained(args, name, n_train):
         if diff:
             raise ValueError(f"{ckpt_path} was trained with other settings than this table's ({', '.join(diff)}); "
                              f"move it away or pass another --runs_dir")
-        if ckpt["step"] >= total_steps(args, n_train):
+        if ckpt["step"] >= total_steps(want, n_train):
             return ckpt_path
         age = time.time() - max(os.path.getmtime(p) for p in (ckpt_path, os.path.join(d, "metrics.jsonl"))
                                 if os.path.exists(p))
@@ -289,11 +304,12 @@ def vq_tokenizer(args, train_set):
 
 
 def token_quality(tokenizer, images):
-    """MSE (in [-1, 1] units) and PSNR (dB, images in [0, 1]) of encode -> decode, and the decoded uint8."""
+    """MSE (in [-1, 1] units) and PSNR (dB, images in [0, 1]; None for an exact round trip) of
+    encode -> decode, and the decoded uint8 images."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     rec = tokenizer.decode(tokenizer.encode(x))
     mse = ((rec - x) ** 2).mean().item()
-    psnr = 10 * math.log10(4 / mse) if mse > 0 else float("inf")
+    psnr = 10 * math.log10(4 / mse) if mse > 0 else None
     return mse, psnr, ((rec + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
@@ -309,11 +325,11 @@ def evaluate_row(args, ev, row, ckpt_path, records):
                   train_time_s=training_time(os.path.dirname(ckpt_path)),
                   params=sum(p.numel() for p in model.parameters()),
                   head_params=sum(p.numel() for p in model.diffloss.parameters()),
-                  batch=args.batch, threads=torch.get_num_threads(), num_sampling_steps=args.num_sampling_steps,
+                  batch=args.batch, threads=torch.get_num_threads(), **setting(args),
                   tokens=f"vq{tokenizer.num_codes}" if isinstance(tokenizer, tk.VQTokenizer) else "pixel")
 
     def measure(kind, cfg, n, ref):
-        if find(records, row=row, kind=kind, cfg=cfg, n=n):
+        if find(records, row=row, kind=kind, cfg=cfg, n=n, **setting(args)):
             return
         images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg)
         records.append(append_record(args.out, dict(common, kind=kind, cfg=cfg, n=n, ref=ref,
@@ -323,9 +339,7 @@ def evaluate_row(args, ev, row, ckpt_path, records):
     measure("final", 1.0, args.num_fid, "test")
     for cfg in args.cfg_grid:
         measure("sweep", cfg, args.num_sweep, "train")
-    sweep = [r for r in find(records, row=row, kind="sweep", n=args.num_sweep) if r["cfg"] in args.cfg_grid]
-    best = min(sweep, key=lambda r: r["fid"])["cfg"]
-    measure("final", best, args.num_fid, "test")
+    measure("final", best_cfg(args, records, row), args.num_fid, "test")
 
 
 def evaluate_floor(args, ev, records):
@@ -359,11 +373,11 @@ def write_table(args, records):
              "s / image w/o, w/ CFG | params (head) | train time |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row, (run, num_iter, labels) in ROWS.items():
-        finals = sorted(find(records, row=row, kind="final", n=args.num_fid), key=lambda r: r["cfg"])
+        finals = find(records, row=row, kind="final", n=args.num_fid, **setting(args))
         if not finals:
             continue
         plain = next((r for r in finals if r["cfg"] == 1.0), None)
-        guided = next((r for r in finals if r["cfg"] != 1.0), None)
+        guided = next((r for r in finals if r["cfg"] == best_cfg(args, records, row)), None)
         edge = guided is not None and guided["cfg"] in (min(args.cfg_grid), max(args.cfg_grid))
         r = finals[0]
         cells = list(labels) + [
@@ -375,7 +389,7 @@ def write_table(args, records):
         lines.append("| " + " | ".join(cells) + " |")
     n = args.num_fid
     floor = find(records, row="floor", n=n)
-    first = find(records, kind="final", n=n)
+    first = find(records, kind="final", n=n, **setting(args))
     notes = [f"FID of N = {n} samples vs the 10,000 test images; CFG scale chosen by FID of {args.num_sweep} "
              "samples vs training images."]
     if first:
@@ -383,14 +397,15 @@ def write_table(args, records):
                      f"{first[0]['num_sampling_steps']} diffusion steps per token, torch {first[0]['torch']}.")
     if floor:
         notes.append(f"Floor (N = {n} training images vs the test set): FID {floor[-1]['fid']:.2f}.")
-    tokens = find(records, row="tokens", n=min(n, 10_000))
+    tokens = {t["tokens"]: t for t in find(records, row="tokens")}                # the latest of each
     if tokens:
         notes.append("")
-        notes.append("| tokens | MSE ([-1, 1]) | PSNR (dB) | rFID |")
+        notes.append("| tokens | MSE ([-1, 1]), 10k test images | PSNR (dB) | rFID (N reconstructions vs 10k test) |")
         notes.append("|---|---|---|---|")
-        for t in tokens:
-            notes.append(f"| {t['tokens']} | {t['mse']:.4f} | {fmt(t['psnr_db'])} | {t['rfid']:.2f} |")
-    sweeps = find(records, kind="sweep", n=args.num_sweep)
+        for t in tokens.values():
+            psnr = "exact" if t["psnr_db"] is None else f"{t['psnr_db']:.2f}"
+            notes.append(f"| {t['tokens']} | {t['mse']:.4f} | {psnr} | {t['rfid']:.2f} (N = {t['n']}) |")
+    sweeps = find(records, kind="sweep", n=args.num_sweep, **setting(args))
     if sweeps:
         notes.append("")
         notes.append(f"CFG sweep (FID of {args.num_sweep} samples vs {n} training images):")
