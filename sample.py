@@ -164,7 +164,8 @@ def main(argv=None):
     p.add_argument("--vae", default=None, help="kl16.ckpt, needed to decode KL-16 tokens")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (paper: 2.9-3.2)")
     p.add_argument("--cfg_schedule", choices=("linear", "constant"), default="linear")
-    p.add_argument("--temperature", type=float, default=1.0, help="scales the diffusion sampler's noise")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="scales the diffusion sampler's noise (--head ce: softmax temperature; l2: no effect)")
     p.add_argument("--num_iter", type=int, default=64, help="MAR generation steps K (paper: 64 or 256)")
     p.add_argument("--num_sampling_steps", type=int, default=100, help="diffusion steps per token (paper: 100)")
     p.add_argument("--num_images", type=int, default=None,
