@@ -1628,6 +1628,7 @@ def test_table1_end_to_end_tiny(tmp_path):
     final = rows[3]
     assert (final["cfg"], final["n"], final["ref"], final["num_iter"], final["tokens"]) == (1.0, 4, "test", 16, "vq8")
     assert final["train_steps"] == 2 and final["s_per_image"] > 0 and final["fid"] > 0
+    assert final["recon_mse"] == pytest.approx(vq["mse"]) and final["recon_psnr_db"] == pytest.approx(vq["psnr_db"])
     best = min(rows[4:6], key=lambda r: r["fid"])
     assert rows[4]["ref"] == "train" and rows[6]["cfg"] == best["cfg"]      # the sweep's choice, at full N
     ckpt = T.torch_load(str(runs / "t1_mar_tiny_ce" / "checkpoint-last.pth"))

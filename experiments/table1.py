@@ -321,7 +321,9 @@ def evaluate_row(args, ev, row, ckpt_path, records):
     model, ckpt = mar.load_checkpoint(ckpt_path)
     model.diffloss.set_sampling_steps(args.num_sampling_steps)
     tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
+    recon_mse, recon_psnr, _ = token_quality(tokenizer, uint8_images(ev.test_set, torch.arange(len(ev.test_set))))
     common = dict(row=row, run=run, num_iter=num_iter or SEQ_LEN, train_steps=ckpt["step"],
+                  recon_mse=recon_mse, recon_psnr_db=recon_psnr,       # the tokenizer on the test images
                   train_time_s=training_time(os.path.dirname(ckpt_path)),
                   params=sum(p.numel() for p in model.parameters()),
                   head_params=sum(p.numel() for p in model.diffloss.parameters()),
