@@ -47,6 +47,11 @@ Protocol (every choice; the issue's set-up where it is explicit):
   * Also recorded per row: sampling seconds per image (fp32, this machine, batch and threads stated,
     generation only: no Inception), parameters (all, and the head's), training time (the sum over
     train.py's sessions of metrics.jsonl's elapsed_s) and steps.
+Cost, measured on the shared 2-core machine while busy (1 thread, fp32, random weights; timing
+does not depend on them): generation 0.37 s/image (MAR, 16 steps, Diffusion Loss, batch 100; 0.47 at
+batch 20), 0.71 (MAR, 49 steps), 0.55 (AR), 0.05 (CE head, MAR 16 steps), x1.7 with CFG; the Inception
+0.35 s/image. A Diffusion Loss row (2 x 5,000 + 4 x 1,000 samples) is thus ~3-4 hours, a CE row under
+one; --cfg_grid (fewer points), --num_sweep and --num_sampling_steps are the knobs if that is too much.
 A run already in RUNS_DIR counts as done when its checkpoint's step is the run's total and its
 arguments match COMMON + its own (so runs started by hand with the same arguments are reused); an
 unfinished one is resumed, unless its log changed in the last 10 minutes (it is probably still
