@@ -1635,6 +1635,7 @@ def test_table1_end_to_end_tiny(tmp_path):
     assert torch.equal(ckpt["tokenizer"]["codebook"], T.torch_load(str(runs / "t1_cache" / "codebook_k8.pth"))["codebook"])
     assert "| MAR | random | bidirect | >1 (16 steps) | CrossEnt (VQ) |" in table.read_text()
     log = (runs / "t1_mar_tiny_ce.log").read_text()
+    assert not (runs / "t1_mar_tiny_ce.lock").exists()                 # released after training
     table1.main(argv, inception=Features())                      # all done: nothing trained or measured again
     assert len(out.read_text().splitlines()) == len(rows) and (runs / "t1_mar_tiny_ce.log").read_text() == log
     with pytest.raises(ValueError, match="unknown --rows"):

@@ -196,12 +196,22 @@ def ensure_trained(args, name, n_train):
             raise RuntimeError(f"{d} is at step {ckpt['step']} and changed {age:.0f} s ago: it is probably still "
                                f"training; wait for it (or, if nothing runs, retry in {RUNNING_S - age:.0f} s)")
         argv += ["--resume", ckpt_path]
-    log = d + ".log"
+    log, lock = d + ".log", d + ".lock"
     print(f"table1: training {name}: train.py {' '.join(argv)} (log: {log})", flush=True)
     os.makedirs(args.runs_dir, exist_ok=True)
-    with open(log, "a") as f:
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + argv, cwd=ROOT,
-                              stdout=f, stderr=subprocess.STDOUT)
+    try:                                  # two table1.py processes must not train the same run
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise RuntimeError(f"{lock} exists: another table1.py (pid {open(lock).read().strip()}) is training "
+                           f"{name}; wait for it, or delete the lock if that process is gone") from None
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        with open(log, "a") as f:
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + argv, cwd=ROOT,
+                                  stdout=f, stderr=subprocess.STDOUT)
+    finally:
+        os.remove(lock)
     if proc.returncode != 0:
         raise RuntimeError(f"training {name} failed (exit {proc.returncode}); see {log}")
     return ckpt_path
@@ -420,9 +430,10 @@ def write_table(args, records):
             pts = sorted((r["cfg"], r["fid"]) for r in sweeps if r["row"] == row)
             if pts:
                 notes.append(f"- {row}: " + ", ".join(f"{c:g}: {f:.2f}" for c, f in pts))
-    with open(args.table + ".tmp", "w") as f:
+    tmp = f"{args.table}.{os.getpid()}.tmp"          # several table1.py processes may share the table
+    with open(tmp, "w") as f:
         f.write("\n".join(lines + [""] + notes) + "\n")
-    os.replace(args.table + ".tmp", args.table)
+    os.replace(tmp, args.table)
 
 
 # ------------------------------------------------------------------------------------------------
