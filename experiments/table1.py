@@ -129,10 +129,10 @@ def setting(args):
     return dict(seed=args.seed, num_sampling_steps=args.num_sampling_steps)
 
 
-def best_cfg(args, records, row):
+def best_cfg(args, records, row, **key):
     """The sweep's choice: the grid scale with the lowest FID against the training images (None while
-    the sweep is incomplete)."""
-    sweep = {r["cfg"]: r["fid"] for r in find(records, row=row, kind="sweep", n=args.num_sweep, **setting(args))}
+    the sweep is incomplete). The latest record of a scale counts (records are in time order)."""
+    sweep = {r["cfg"]: r["fid"] for r in find(records, row=row, kind="sweep", n=args.num_sweep, **setting(args), **key)}
     if not all(c in sweep for c in args.cfg_grid):
         return None
     return min(args.cfg_grid, key=lambda c: sweep[c])
@@ -345,8 +345,8 @@ def evaluate_row(args, ev, row, ckpt_path, records):
                   batch=args.batch, threads=torch.get_num_threads(), **setting(args),
                   tokens=f"vq{tokenizer.num_codes}" if isinstance(tokenizer, tk.VQTokenizer) else "pixel")
 
-    def measure(kind, cfg, n, ref):
-        if find(records, row=row, kind=kind, cfg=cfg, n=n, **setting(args)):
+    def measure(kind, cfg, n, ref):       # a checkpoint trained further (other train_steps) is measured again
+        if find(records, row=row, kind=kind, cfg=cfg, n=n, train_steps=ckpt["step"], **setting(args)):
             return
         images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg)
         records.append(append_record(args.out, dict(common, kind=kind, cfg=cfg, n=n, ref=ref,
@@ -356,7 +356,7 @@ def evaluate_row(args, ev, row, ckpt_path, records):
     measure("final", 1.0, args.num_fid, "test")
     for cfg in args.cfg_grid:
         measure("sweep", cfg, args.num_sweep, "train")
-    measure("final", best_cfg(args, records, row), args.num_fid, "test")
+    measure("final", best_cfg(args, records, row, train_steps=ckpt["step"]), args.num_fid, "test")
 
 
 def evaluate_floor(args, ev, records):
@@ -393,8 +393,10 @@ def write_table(args, records):
         finals = find(records, row=row, kind="final", n=args.num_fid, **setting(args))
         if not finals:
             continue
+        steps = finals[-1]["train_steps"]                 # the latest checkpoint measured
+        finals = [r for r in reversed(finals) if r["train_steps"] == steps]    # latest first
         plain = next((r for r in finals if r["cfg"] == 1.0), None)
-        guided = next((r for r in finals if r["cfg"] == best_cfg(args, records, row)), None)
+        guided = next((r for r in finals if r["cfg"] == best_cfg(args, records, row, train_steps=steps)), None)
         edge = guided is not None and guided["cfg"] in (min(args.cfg_grid), max(args.cfg_grid))
         r = finals[0]
         cells = list(labels) + [
@@ -427,7 +429,7 @@ def write_table(args, records):
         notes.append("")
         notes.append(f"CFG sweep (FID of {args.num_sweep} samples vs {n} training images):")
         for row in ROWS:
-            pts = sorted((r["cfg"], r["fid"]) for r in sweeps if r["row"] == row)
+            pts = sorted({r["cfg"]: r["fid"] for r in sweeps if r["row"] == row}.items())   # latest per scale
             if pts:
                 notes.append(f"- {row}: " + ", ".join(f"{c:g}: {f:.2f}" for c, f in pts))
     tmp = f"{args.table}.{os.getpid()}.tmp"          # several table1.py processes may share the table
