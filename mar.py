@@ -11,6 +11,10 @@ computed, which is the paper's "generalized autoregressive" view (Sec. 3.4-3.5, 
   AR   decoder-only causal Transformer, class token first, teacher forcing, one token per step,
        raster or random order, KV cache at inference.
 
+Table 1's baselines swap the head (`build_model(..., head=...)`, HEADS): "ce", cross-entropy over the K
+codes of a VQ tokenizer (tokenizer.VQTokenizer; `num_codes=K`), and "l2", MSE regression (App. D.2).
+Every head has DiffLoss's interface and is registered as `diffloss`, so the models do not change.
+
 `MAR` has exactly the parameter names and shapes of the released MAR-B/L/H checkpoints, so
 
     model, ckpt = load_checkpoint("checkpoint-last.pth")          # released or train.py file
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from diffloss import DiffLoss
-from tokenizer import load_state_dict_strict, torch_load
+from tokenizer import load_state_dict_strict, nearest_code, torch_load
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +110,7 @@ def run_blocks(blocks, x, grad_checkpointing, causal=False, caches=None):
 
 
 def init_transformer_weights(model):
-    """FACTS "Init": xavier-uniform linears with zero bias, LayerNorm (1, 0). The DiffLoss head is
+    """FACTS "Init": xavier-uniform linears with zero bias, LayerNorm (1, 0). The per-token head is
     skipped: it keeps its own init (zero adaLN and output layers, so its blocks start as identity)."""
     for name, m in model.named_modules():
         if name.startswith("diffloss"):
@@ -153,6 +157,135 @@ def _labels_or_random(model, bsz, labels, generator, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-token heads: p(x | z) for one token. The Diffusion Loss is the paper's; the two others are
+# its baselines of Table 1 (cross-entropy over K discrete VQ codes) and App. D.2 (L2 regression).
+
+HEADS = ("diffusion", "ce", "l2")
+
+
+class TokenMLP(nn.Module):
+    """z (N, Z) -> (N, out): residual MLP with the Diffusion Loss MLP's width and depth (a fair
+    comparison: the same head budget), minus what only a denoiser needs (no x_t or timestep input,
+    hence no adaLN: blocks are plain pre-LN x + MLP(LN(x)))."""
+
+    def __init__(self, z_channels, width, depth, out_channels):
+        super().__init__()
+        self.cond_embed = nn.Linear(z_channels, width)
+        self.res_blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(width, eps=1e-6), nn.Linear(width, width),
+                                                       nn.SiLU(), nn.Linear(width, width)) for _ in range(depth)])
+        self.norm_final = nn.LayerNorm(width, eps=1e-6)
+        self.linear = nn.Linear(width, out_channels)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Zero output layer, as the Diffusion Loss MLP: training starts from uniform logits (CE,
+        # loss = log K) or from predicting 0, the middle of the token range (L2).
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, z):
+        x = self.cond_embed(z)                                  # (N, width)
+        for block in self.res_blocks:
+            x = x + block(x)
+        return self.linear(self.norm_final(x))                  # (N, out)
+
+
+class _PointHead(nn.Module):
+    """What the CE and L2 heads share with DiffLoss's interface: forward(target (N, C), z (N, Z),
+    mask (N,)) -> mask-weighted mean loss; sample(z, temperature, cfg, generator) -> (N, C) with z =
+    [z_c; z_u] under CFG and the B guided rows returned twice; `.net` (what sample.py --compile wraps)."""
+
+    def __init__(self, token_dim, z_channels, depth, width, out_channels):
+        super().__init__()
+        self.in_channels, self.z_channels = token_dim, z_channels      # the names DiffLoss._check reads
+        self.net = TokenMLP(z_channels, width, depth, out_channels)
+
+    def set_sampling_steps(self, num_sampling_steps):
+        """No diffusion steps to respace: a no-op, so sample.py's --num_sampling_steps fits every head."""
+
+    _check = DiffLoss._check        # the same shape contract and error messages
+
+    def forward(self, target, z, mask=None):
+        self._check(z, target=target, mask=mask)
+        loss = self.loss_per_token(target.float(), self.net(z).float())    # (N,)
+        if mask is None:
+            return loss.mean()
+        mask = mask.to(loss.dtype)
+        return (loss * mask).sum() / mask.sum()
+
+    @torch.no_grad()
+    def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
+        guided = not (isinstance(cfg, (int, float)) and cfg == 1.0)
+        self._check(z, guided=guided)
+        out = self.net(z).float()                                           # (N, out)
+        if guided:                                                          # CFG on the head's output
+            out_c, out_u = out.chunk(2)
+            out = out_u + cfg * (out_c - out_u)
+        x = self.draw(out, temperature, generator)                          # (B, C)
+        return torch.cat([x, x]) if guided else x
+
+
+class CEHead(_PointHead):
+    """Cross-entropy over K discrete codes (Table 1's "CrossEnt" rows, on VQ tokens). Tokens stay
+    vectors: they are codebook entries (tokenizer.VQTokenizer), so the head maps a target to its
+    code index (exact nearest code), trains softmax over the K logits, and samples
+    index ~ softmax((l_u + cfg (l_c - l_u)) / temperature), returning that code's vector."""
+
+    def __init__(self, token_dim, z_channels, depth, width, num_codes):
+        super().__init__(token_dim, z_channels, depth, width, num_codes)
+        # The VQ tokenizer's codebook (K, C), saved with the weights so a checkpoint samples alone;
+        # filled by train.py from the tokenizer (build_model only knows K).
+        self.register_buffer("codebook", torch.zeros(num_codes, token_dim))
+
+    def logits(self, z):
+        return self.net(z).float()                                          # (N, K)
+
+    def loss_per_token(self, target, out):
+        return F.cross_entropy(out, nearest_code(target, self.codebook), reduction="none")
+
+    def draw(self, logits, temperature, generator):
+        probs = torch.softmax(logits / temperature, dim=-1)                 # (B, K)
+        index = torch.multinomial(probs, 1, generator=generator)[:, 0]      # (B,)
+        return self.codebook[index]                                         # (B, C)
+
+
+class L2Head(_PointHead):
+    """L2 regression (App. D.2): predict the token itself, loss = MSE. Sampling returns the
+    prediction: the only randomness left is the generation order; temperature has no effect
+    (there is no distribution to sharpen) and CFG extrapolates the predictions, x_u + cfg (x_c - x_u)."""
+
+    def __init__(self, token_dim, z_channels, depth, width):
+        super().__init__(token_dim, z_channels, depth, width, token_dim)
+
+    def loss_per_token(self, target, out):
+        return ((out - target) ** 2).mean(dim=-1)
+
+    def draw(self, prediction, temperature, generator):
+        return prediction
+
+
+def _batch_mul(head, diffusion_batch_mul):
+    """Rows are repeated diffusion_batch_mul times to give each z several (t, noise) draws; the CE and
+    L2 losses are deterministic in z, so a repeat would only copy the same term: 1 for them."""
+    return diffusion_batch_mul if head == "diffusion" else 1
+
+
+def make_head(head, token_dim, z_channels, depth, width, num_sampling_steps, grad_checkpointing, clip_x0,
+              num_codes):
+    """The per-token head named `head` (HEADS), with the Diffusion Loss MLP's depth and width."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if (head == "ce") != (num_codes is not None):
+        raise ValueError("num_codes (the VQ codebook size K) is needed by head='ce' and only by it, "
+                         f"got head={head!r}, num_codes={num_codes!r}")
+    if head == "diffusion":
+        return DiffLoss(token_dim, z_channels, depth, width, num_sampling_steps, grad_checkpointing, clip_x0)
+    if head == "ce":
+        return CEHead(token_dim, z_channels, depth, width, num_codes)
+    return L2Head(token_dim, z_channels, depth, width)
+
+
+# ----------------------------------------------------------------------------------------------
 # MAR (Sec. 3.5): bidirectional masked autoregressive model, MAE-style encoder / decoder.
 
 def mar_schedule(seq_len, num_iter):
@@ -188,12 +321,14 @@ class MAR(nn.Module):
                  label_drop_prob=0.1,      # classifier-free guidance training (class -> fake_latent)
                  mask_ratio_min=0.7,       # masking ratio ~ N(1, 0.25) truncated to [0.7, 1]
                  attn_dropout=0.1, proj_dropout=0.1, grad_checkpointing=False,
-                 clip_x0=None):               # bound of the token values, if any (pixels: 1.0), see DiffLoss
+                 clip_x0=None,                # bound of the token values, if any (pixels: 1.0), see DiffLoss
+                 head="diffusion",            # per-token head (HEADS): the Diffusion Loss, or a baseline
+                 num_codes=None):             # K of the VQ codebook, head="ce" only
         super().__init__()
         if num_classes < 1:
             raise ValueError("num_classes must be >= 1 (use 1 for an unconditional data set)")
         self.seq_len, self.token_dim, self.num_classes = seq_len, token_dim, num_classes
-        self.buffer_size, self.diffusion_batch_mul = buffer_size, diffusion_batch_mul
+        self.buffer_size, self.diffusion_batch_mul = buffer_size, _batch_mul(head, diffusion_batch_mul)
         self.label_drop_prob, self.mask_ratio_min = label_drop_prob, mask_ratio_min
         self.grad_checkpointing = grad_checkpointing
         E, D = encoder_embed_dim, decoder_embed_dim
@@ -213,8 +348,9 @@ class MAR(nn.Module):
         self.decoder_blocks = nn.ModuleList([Block(D, decoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
-        self.diffloss = DiffLoss(token_dim, D, diffloss_d, diffloss_w, num_sampling_steps, grad_checkpointing,
-                                 clip_x0)
+        # The per-token head; named `diffloss` whatever its kind, as in the released weights.
+        self.diffloss = make_head(head, token_dim, D, diffloss_d, diffloss_w, num_sampling_steps,
+                                  grad_checkpointing, clip_x0, num_codes)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -361,14 +497,14 @@ class AR(nn.Module):
     def __init__(self, seq_len=256, token_dim=16, num_classes=1000, embed_dim=768, depth=24, num_heads=12,
                  mlp_ratio=4.0, order="raster", diffloss_d=6, diffloss_w=1024, num_sampling_steps="100",
                  diffusion_batch_mul=4, label_drop_prob=0.1, attn_dropout=0.1, proj_dropout=0.1,
-                 grad_checkpointing=False, clip_x0=None):
+                 grad_checkpointing=False, clip_x0=None, head="diffusion", num_codes=None):
         super().__init__()
         if order not in ("raster", "random"):
             raise ValueError(f"order must be 'raster' or 'random', got {order!r}")
         if num_classes < 1:
             raise ValueError("num_classes must be >= 1 (use 1 for an unconditional data set)")
         self.seq_len, self.token_dim, self.num_classes, self.order = seq_len, token_dim, num_classes, order
-        self.diffusion_batch_mul, self.label_drop_prob = diffusion_batch_mul, label_drop_prob
+        self.diffusion_batch_mul, self.label_drop_prob = _batch_mul(head, diffusion_batch_mul), label_drop_prob
         self.grad_checkpointing = grad_checkpointing
         self.fake_latent = nn.Parameter(torch.zeros(1, embed_dim))
         self.pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, embed_dim))
@@ -378,8 +514,9 @@ class AR(nn.Module):
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, attn_dropout, proj_dropout)
                                      for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.diffloss = DiffLoss(token_dim, embed_dim, diffloss_d, diffloss_w, num_sampling_steps,
-                                 grad_checkpointing, clip_x0)
+        # The per-token head (see MAR); named `diffloss` whatever its kind.
+        self.diffloss = make_head(head, token_dim, embed_dim, diffloss_d, diffloss_w, num_sampling_steps,
+                                  grad_checkpointing, clip_x0, num_codes)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -496,7 +633,7 @@ def build_model(name, **overrides):
 
 def param_groups(model, weight_decay):
     """AdamW groups of the paper (FACTS "Optimizer"): decay on matrices only; no decay for biases,
-    1-D parameters (LayerNorm) and the whole Diffusion Loss head."""
+    1-D parameters (LayerNorm) and the whole Diffusion Loss head (any per-token head)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

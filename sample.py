@@ -169,7 +169,8 @@ def main(argv=None):
                    help="classifier-free guidance scale: 1 = none, > 1 guides (paper: 2.9-3.2), 0..1 moves "
                         "towards the unconditional model")
     p.add_argument("--cfg_schedule", choices=("linear", "constant"), default="linear")
-    p.add_argument("--temperature", type=float, default=1.0, help="scales the diffusion sampler's noise")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="scales the diffusion sampler's noise (--head ce: softmax temperature; l2: no effect)")
     p.add_argument("--num_iter", type=int, default=64, help="MAR generation steps K (paper: 64 or 256)")
     p.add_argument("--num_sampling_steps", type=int, default=100, help="diffusion steps per token (paper: 100)")
     p.add_argument("--num_images", type=int, default=None,

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import diffloss
 import fid
@@ -28,7 +29,7 @@ import sample
 import tokenizer as T
 import train
 from diffloss import DiffLoss
-from mar import AR, MAR, build_model, cfg_scale, guess_model, load_checkpoint, mar_schedule, param_groups
+from mar import AR, MAR, CEHead, L2Head, build_model, cfg_scale, guess_model, load_checkpoint, mar_schedule, param_groups
 
 # One thread: the models under test are small, and on a 2-core machine torch's thread pool costs
 # more in synchronisation than it gains (measured: 19 s with 1 thread vs 287 s with 2 on the MAR tests).
@@ -1558,3 +1559,198 @@ def test_readme_install_and_laptop_commands():
     images = T.ArrayDataset(np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int64))
     tok = train.make_tokenizer(fashion[0], images)
     assert (tok.seq_len, tok.token_dim) == (49, 16)
+
+
+# ==============================================================================================
+# Issue 12, Table 1 on Fashion-MNIST: the VQ tokenizer, the CE and L2 heads, train.py's flags and
+# experiments/table1.py
+
+
+def brute_force_nearest(x, codebook):
+    return ((x.double()[:, None] - codebook.double()[None]) ** 2).sum(-1).argmin(1)
+
+
+def test_nearest_code_is_brute_force_nearest():
+    g = torch.Generator().manual_seed(0)
+    x, codebook = torch.randn(3000, 4, generator=g), torch.randn(37, 4, generator=g)
+    assert torch.equal(T.nearest_code(x, codebook, chunk=512), brute_force_nearest(x, codebook))
+    assert T.nearest_code(x.view(30, 100, 4), codebook).shape == (30, 100)
+
+
+def shapes_dataset(size=8, per_class=20):
+    images, labels = train.make_shapes(per_class, size)
+    return T.ArrayDataset(images.numpy(), labels.numpy(), num_classes=10)
+
+
+def test_vq_tokenizer_fit_assignment_round_trip_and_determinism():
+    data = shapes_dataset()
+    vq = T.VQTokenizer.fit(data, 16, 2, seed=0, iters=100)
+    assert vq.codebook.shape == (16, 4) and len(vq.codebook.unique(dim=0)) == 16   # distinct codes
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    patches = T.patchify(images, 2).reshape(-1, 4)
+    idx = vq.indices(images)                                                      # (N, 16)
+    assert torch.equal(idx.reshape(-1), brute_force_nearest(patches, vq.codebook))
+    assert torch.equal(vq.encode(images), vq.codebook[idx])
+    # Lloyd's fixed point: every code is the mean of the patches assigned to it
+    for k in range(16):
+        assert torch.allclose(vq.codebook[k], patches[idx.reshape(-1) == k].mean(0), atol=1e-5)
+    # codebook vectors round-trip exactly through decode -> encode; the config rebuilds the tokenizer
+    tokens = vq.codebook[torch.randint(16, (5, 16), generator=torch.Generator().manual_seed(1))]
+    assert torch.equal(vq.encode(vq.decode(tokens)), tokens)
+    again = T.build_tokenizer(vq.config())
+    assert torch.equal(again.codebook, vq.codebook) and (again.seq_len, again.token_dim) == (16, 4)
+    assert torch.equal(T.VQTokenizer.fit(data, 16, 2, seed=0, iters=100).codebook, vq.codebook)  # same seed
+    assert not torch.equal(T.VQTokenizer.fit(data, 16, 2, seed=1, iters=100).codebook, vq.codebook)
+    with pytest.raises(ValueError, match="codebook must be"):
+        T.VQTokenizer(torch.zeros(4, 3), 8, 1, 2)
+
+
+def live_point_head(cls, *args):
+    torch.manual_seed(0)
+    head = cls(*args)
+    torch.nn.init.normal_(head.net.linear.weight, std=0.5)       # the zero-initialised output layer
+    return head
+
+
+def test_ce_head_loss_sampling_and_cfg():
+    K, C, Z = 5, 3, 8
+    head = live_point_head(CEHead, C, Z, 2, 16, K)
+    head.codebook.copy_(torch.randn(K, C, generator=torch.Generator().manual_seed(1)))
+    g = torch.Generator().manual_seed(2)
+    idx, z, mask = torch.randint(K, (40,), generator=g), torch.randn(40, Z, generator=g), (torch.rand(40, generator=g) > 0.5).float()
+    logits = head.logits(z)
+    expected = (F.cross_entropy(logits, idx, reduction="none") * mask).sum() / mask.sum()
+    assert torch.allclose(head(head.codebook[idx], z, mask), expected, atol=1e-6)
+    assert torch.allclose(head(head.codebook[idx], z), F.cross_entropy(logits, idx), atol=1e-6)
+    # temperature -> 0 gives the argmax code
+    assert torch.equal(head.sample(z, temperature=1e-6), head.codebook[logits.argmax(1)])
+    # CFG on the logits: z = [z_c; z_u], guided logits l_u + w (l_c - l_u), rows repeated twice
+    zc, zu, w = z[:20], z[20:], 3.0
+    guided = head.logits(zu) + w * (head.logits(zc) - head.logits(zu))
+    out = head.sample(z, temperature=1e-6, cfg=w)
+    assert torch.equal(out[:20], head.codebook[guided.argmax(1)]) and torch.equal(out[:20], out[20:])
+    # at temperature T the codes follow softmax(guided / T): frequencies of 20000 draws
+    n, T_ = 20000, 0.7
+    draws = head.sample(torch.cat([zc[:1].expand(n, -1), zu[:1].expand(n, -1)]), T_, w, torch.Generator().manual_seed(3))[:n]
+    freq = torch.bincount(brute_force_nearest(draws, head.codebook), minlength=K).float() / n
+    assert torch.allclose(freq, torch.softmax(guided[0] / T_, 0), atol=0.015)    # std <= 0.0036
+    head.set_sampling_steps(10)                                                  # a no-op, as sample.py calls it
+
+
+def test_l2_head_loss_sampling_and_cfg():
+    C, Z = 3, 8
+    head = live_point_head(L2Head, C, Z, 2, 16)
+    g = torch.Generator().manual_seed(0)
+    x, z, mask = torch.randn(30, C, generator=g), torch.randn(30, Z, generator=g), (torch.rand(30, generator=g) > 0.5).float()
+    pred = head.net(z)
+    assert torch.allclose(head(x, z, mask), (((pred - x) ** 2).mean(1) * mask).sum() / mask.sum(), atol=1e-6)
+    assert torch.equal(head.sample(z), pred) and torch.equal(head.sample(z, temperature=0.1), pred)
+    out = head.sample(z, cfg=2.5)
+    assert torch.allclose(out[:15], pred[15:] + 2.5 * (pred[:15] - pred[15:]), atol=1e-6)
+    assert torch.equal(out[:15], out[15:])
+
+
+@pytest.mark.parametrize("name", ["mar_tiny", "ar_tiny"])
+def test_point_heads_in_models_need_no_batch_repeat(name):
+    torch.manual_seed(0)
+    model = build_model(name, **TINY, head="l2")
+    assert model.diffusion_batch_mul == 1 and isinstance(model.diffloss, L2Head)
+    assert build_model(name, **TINY).diffusion_batch_mul == 4
+    with pytest.raises(ValueError, match="num_codes"):
+        build_model(name, **TINY, head="ce")
+    with pytest.raises(ValueError, match="head must be one of"):
+        build_model(name, **TINY, head="mse")
+
+
+def test_ce_and_l2_train_save_and_sample(tmp_path):
+    book = tmp_path / "book.pth"
+    run_script(TRAIN_TINY + ["--max_steps", "3", "--vq", "8", "--head", "ce", "--codebook", str(book),
+                             "--output_dir", str(tmp_path / "ce")])
+    run_script(TRAIN_TINY + ["--max_steps", "3", "--model", "ar_tiny", "--order", "random", "--head", "l2",
+                             "--output_dir", str(tmp_path / "l2")])
+    ckpt = tmp_path / "ce" / "checkpoint-last.pth"
+    model, c = load_checkpoint(str(ckpt))
+    assert c["args"]["head"] == "ce" and c["config"]["num_codes"] == 8
+    assert torch.equal(model.diffloss.codebook, c["tokenizer"]["codebook"])
+    assert torch.equal(T.torch_load(str(book))["codebook"], c["tokenizer"]["codebook"])   # the shared file
+    tokens = model.sample_tokens(4, num_iter=3, cfg=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.diffloss.codebook[T.nearest_code(tokens, model.diffloss.codebook)], tokens)  # all codes
+    a, _ = sample_npz(ckpt, tmp_path, seed=1, extra=["--cfg", "2.0"])
+    b, _ = sample_npz(ckpt, tmp_path, seed=1, extra=["--cfg", "2.0"])
+    assert a.shape == (20, 8, 8, 1) and np.array_equal(a, b)
+    l2, c2 = load_checkpoint(str(tmp_path / "l2" / "checkpoint-last.pth"))
+    assert isinstance(l2.diffloss, L2Head) and l2.order == "random" and c2["args"]["order"] == "random"
+    a, _ = sample_npz(tmp_path / "l2" / "checkpoint-last.pth", tmp_path, seed=1)
+    assert a.shape == (20, 8, 8, 1)
+    # the same codebook file with another K, and CE without codes, are refused with a clear message
+    out = run_script(TRAIN_TINY + ["--max_steps", "1", "--vq", "4", "--head", "ce", "--codebook", str(book),
+                                   "--output_dir", str(tmp_path / "x")], check=False)
+    assert out.returncode != 0 and "does not fit this run" in out.stderr
+    out = run_script(TRAIN_TINY + ["--max_steps", "1", "--head", "ce", "--output_dir", str(tmp_path / "y")], check=False)
+    assert out.returncode != 0 and "add --vq K" in out.stderr
+
+
+def test_resume_checkpoint_written_before_the_head_flags(full_run, tmp_path):
+    ckpt = T.torch_load(str(full_run))
+    for key in ("head", "vq", "codebook", "order"):
+        del ckpt["args"][key]
+    ckpt["step"] = 6                                       # as if the older run had stopped early
+    old = tmp_path / "checkpoint-last.pth"
+    torch.save(ckpt, old)
+    run_script(TRAIN_TINY + ["--max_steps", "7", "--output_dir", str(tmp_path), "--resume", str(old)])
+    assert T.torch_load(str(old))["step"] == 7
+    out = run_script(TRAIN_TINY + ["--max_steps", "8", "--output_dir", str(tmp_path), "--resume", str(old),
+                                   "--head", "l2"], check=False)
+    assert out.returncode != 0 and "head: checkpoint 'diffusion' vs now 'l2'" in out.stderr
+
+
+def test_table1_end_to_end_tiny(tmp_path):
+    """experiments/table1.py on a 100-image stand-in for Fashion-MNIST (28x28 shapes in idx files),
+    N = 4: trains the CE run, fits the shared codebook, measures the floor, the tokenizers and one row
+    with its CFG sweep; a second call finds everything done. The feature network is a small stand-in
+    (the real Inception is tested above): with 2048-d features each FID costs two 2048 x 2048
+    eigendecompositions, minutes for this test on a busy 2-core machine."""
+    class Features(nn.Module):   # uint8 (N, 1, 28, 28) -> (4x4 mean-pooled pixels (N, 16) @ w (16, 8), no logits)
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):
+            return F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.w, None
+
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import table1
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    for split, per_class in (("train", 10), ("t10k", 2)):
+        images, labels = train.make_shapes(per_class, 28, seed=len(split))
+        write_idx(str(data / f"{split}-images-idx3-ubyte"), images.numpy())
+        write_idx(str(data / f"{split}-labels-idx1-ubyte"), labels.numpy())
+    out, table, runs = tmp_path / "t1.jsonl", tmp_path / "t1.md", tmp_path / "runs"
+    argv = ["--rows", "mar16_ce,floor,tokens", "--runs_dir", str(runs), "--out", str(out), "--table", str(table),
+            "--inception", str(tmp_path / "no_such_file.pth"), "--data_path", str(data), "--num_fid", "4", "--num_sweep", "2",
+            "--cfg_grid", "2,3", "--batch", "3", "--num_sampling_steps", "2", "--vq", "8", "--max_steps", "2"]
+    with pytest.raises(FileNotFoundError, match="--inception"):     # the weights file is checked when needed
+        table1.main(argv[:1] + ["floor"] + argv[2:])
+    table1.main(argv, inception=Features())
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["row"], r["kind"]) for r in rows] == [("floor", "floor"), ("tokens", "tokens"), ("tokens", "tokens"),
+                                                     ("mar16_ce", "final"), ("mar16_ce", "sweep"),
+                                                     ("mar16_ce", "sweep"), ("mar16_ce", "final")]
+    pixel, vq = rows[1], rows[2]
+    assert pixel["tokens"] == "pixel" and pixel["mse"] == 0 and pixel["psnr_db"] is None and vq["tokens"] == "vq8" and vq["mse"] > 0
+    final = rows[3]
+    assert (final["cfg"], final["n"], final["ref"], final["num_iter"], final["tokens"]) == (1.0, 4, "test", 16, "vq8")
+    assert final["train_steps"] == 2 and final["s_per_image"] > 0 and final["fid"] > 0
+    assert final["recon_mse"] == pytest.approx(vq["mse"]) and final["recon_psnr_db"] == pytest.approx(vq["psnr_db"])
+    best = min(rows[4:6], key=lambda r: r["fid"])
+    assert rows[4]["ref"] == "train" and rows[6]["cfg"] == best["cfg"]      # the sweep's choice, at full N
+    ckpt = T.torch_load(str(runs / "t1_mar_tiny_ce" / "checkpoint-last.pth"))
+    assert torch.equal(ckpt["tokenizer"]["codebook"], T.torch_load(str(runs / "t1_cache" / "codebook_k8.pth"))["codebook"])
+    assert "| MAR | random | bidirect | >1 (16 steps) | CrossEnt (VQ) |" in table.read_text()
+    log = (runs / "t1_mar_tiny_ce.log").read_text()
+    assert not (runs / "t1_mar_tiny_ce.lock").exists()                 # released after training
+    table1.main(argv, inception=Features())                      # all done: nothing trained or measured again
+    assert len(out.read_text().splitlines()) == len(rows) and (runs / "t1_mar_tiny_ce.log").read_text() == log
+    with pytest.raises(ValueError, match="unknown --rows"):
+        table1.main(argv[:1] + ["mar_ce"] + argv[2:])

@@ -12,6 +12,9 @@ MAR (paper Sec. 3-5) models a sequence of continuous tokens; the model only ever
     weights, for small images) share one duck-typed interface: `.seq_len`, `.token_dim`, `.token_bound`,
     `.encode(images in [-1, 1]) -> (B, seq, token_dim)`, `.decode(tokens) -> images in [-1, 1]`,
     `.config()` -> plain dict, rebuilt by `build_tokenizer(cfg, vae_path)`.
+  * `VQTokenizer`: discrete tokens for Table 1's cross-entropy baseline, the pixel patches snapped to
+    the nearest of K codes of a seeded k-means codebook (`kmeans`, `nearest_code`); the codebook
+    travels in `.config()`.
   * `cache_latents` / `CachedLatents`: the released code's cache step (encode every image and its
     horizontal flip once, keep the posterior moments in a memory-mapped .npy).
   * Data: `ImageFolder` (ImageNet-style class folders, ADM center crop), `ArrayDataset`, and
@@ -366,6 +369,93 @@ class PixelTokenizer:
         return self
 
 
+def nearest_code(x, codebook, chunk=65536):
+    """Index of the nearest codebook row (squared Euclidean) for each vector: x (..., C), codebook
+    (K, C) -> (...) long. |x - c|^2 = |x|^2 - 2 x.c + |c|^2, and |x|^2 is the same for every c, so the
+    argmin is over |c|^2 - 2 x.c: one matmul per chunk of rows (chunks bound the (rows, K) matrix)."""
+    flat = x.reshape(-1, x.shape[-1])
+    sq = (codebook * codebook).sum(dim=1)                                        # (K,)
+    out = [(sq - 2 * part @ codebook.T).argmin(dim=1) for part in flat.split(chunk)]
+    return (torch.cat(out) if out else flat.new_zeros(0, dtype=torch.long)).reshape(x.shape[:-1])
+
+
+def kmeans(x, k, seed=0, iters=25):
+    """k-means codebook (k, C) of the rows of x (N, C): k-means++ initialisation (each new center drawn
+    with probability proportional to the squared distance to the nearest chosen one), then Lloyd
+    iterations. A cluster that empties is re-seeded at the point farthest from its center, so the k
+    codes stay distinct. All randomness comes from a generator seeded with `seed`."""
+    x = x.float()
+    n = len(x)
+    if not 1 <= k <= n:
+        raise ValueError(f"kmeans: need 1 <= k <= number of points, got k={k} for {n} points")
+    g = torch.Generator().manual_seed(seed)
+    centers = [x[torch.randint(n, (), generator=g)]]
+    d2 = ((x - centers[0]) ** 2).sum(dim=1)                                      # (N,) to the nearest center
+    for _ in range(1, k):
+        if not d2.any():
+            raise ValueError(f"kmeans: the data has fewer than k={k} distinct points")
+        centers.append(x[torch.multinomial(d2, 1, generator=g)[0]])
+        d2 = torch.minimum(d2, ((x - centers[-1]) ** 2).sum(dim=1))
+    centers = torch.stack(centers)                                               # (k, C)
+    for _ in range(iters):
+        assign = nearest_code(x, centers)                                        # (N,)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        new = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centers)
+        empty = (counts == 0).nonzero()[:, 0]
+        if len(empty):
+            far = ((x - new[assign]) ** 2).sum(dim=1).argsort(descending=True)[:len(empty)]
+            new[empty] = x[far]
+        if torch.equal(new, centers):
+            break
+        centers = new
+    return centers
+
+
+class VQTokenizer(PixelTokenizer):
+    """Discrete tokens over the same p x p pixel patches (Table 1's cross-entropy rows): each patch is
+    replaced by the nearest of K code vectors, a k-means codebook of training patches (`fit`). Tokens
+    stay vectors (the codes), so MAR / AR read them as any other tokens; `indices` gives the discrete
+    codes, and the CE head (mar.CEHead) holds the same codebook. Decoding is the pixel tokenizer's."""
+
+    def __init__(self, codebook, image_size, channels=3, patch_size=1):
+        super().__init__(image_size, channels, patch_size)
+        codebook = torch.as_tensor(codebook, dtype=torch.float32)
+        if codebook.ndim != 2 or codebook.shape[1] != self.token_dim:
+            raise ValueError(f"VQTokenizer: codebook must be (K, {self.token_dim}) for {patch_size}x{patch_size} "
+                             f"patches of {channels} channel(s), got {tuple(codebook.shape)}")
+        self.codebook, self.num_codes = codebook, len(codebook)
+        self.token_bound = 1.0  # codes are means of patches in [-1, 1]
+
+    @classmethod
+    def fit(cls, dataset, num_codes, patch_size, seed=0, max_patches=200_000, iters=25):
+        """k-means over the patches of `dataset` (items (image in [-1, 1], label)): a seeded random
+        subset of at most max_patches patches, drawn from all images (the Fashion-MNIST train set,
+        2.9M patches, gives a 1024-code book in about a minute on one core)."""
+        image = dataset[0][0]
+        pixel = PixelTokenizer(image.shape[-1], image.shape[0], patch_size)
+        patches = torch.cat([pixel.encode(torch.stack([dataset[i][0] for i in range(j, min(j + 1000, len(dataset)))]))
+                             .reshape(-1, pixel.token_dim) for j in range(0, len(dataset), 1000)])  # (N L, C)
+        g = torch.Generator().manual_seed(seed)
+        patches = patches[torch.randperm(len(patches), generator=g)[:max_patches]]
+        return cls(kmeans(patches, num_codes, seed, iters), pixel.image_size, pixel.channels, patch_size)
+
+    def indices(self, images):
+        """(B, C, S, S) -> (B, seq_len) long code indices."""
+        return nearest_code(super().encode(images), self.codebook)
+
+    def encode(self, images, generator=None):
+        """(B, C, S, S) -> (B, seq_len, token_dim): the nearest code vector of every patch (deterministic)."""
+        return self.codebook[self.indices(images)]
+
+    def config(self):
+        return dict(super().config(), kind="vq", codebook=self.codebook.cpu().clone())
+
+    def to(self, device):
+        self.codebook = self.codebook.to(device)
+        return self
+
+
 class KLTokenizer:
     """Tokens from a KL autoencoder (FACTS "Tokens"): a *sample* of the posterior times `scale`,
     grouped into p x p patches (p=1 for KL-16 -> 256 tokens of 16 dims at 256x256; p=2 for KL-8).
@@ -415,11 +505,13 @@ def build_tokenizer(cfg, vae_path=None):
     kind = cfg.get("kind")
     if kind == "pixel":
         return PixelTokenizer(cfg["image_size"], cfg["channels"], cfg["patch_size"])
+    if kind == "vq":
+        return VQTokenizer(cfg["codebook"], cfg["image_size"], cfg["channels"], cfg["patch_size"])
     if kind == "kl":
         if vae_path is None:
             raise ValueError("this tokenizer is a KL autoencoder: pass vae_path (e.g. kl16.ckpt) to load its weights")
         return KLTokenizer(load_vae(vae_path, **cfg["vae"]), cfg["image_size"], cfg["patch_size"], cfg["scale"])
-    raise ValueError(f"unknown tokenizer kind {kind!r} in config {cfg!r}; expected 'pixel' or 'kl'")
+    raise ValueError(f"unknown tokenizer kind {kind!r} in config {cfg!r}; expected 'pixel', 'vq' or 'kl'")
 
 
 # ------------------------------------------------------------------------------------------------

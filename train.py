@@ -23,6 +23,11 @@ Run:
   # several nodes: the same command on each, with torchrun's rendezvous flags, e.g.
   torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$HEAD_NODE --master_port=29500 \
       --nproc_per_node=8 train.py ...  (--batch_size 64 --accum_iter 1 keeps the global batch at 2048)
+  # Table 1's baselines (experiments/table1.py runs them all): cross-entropy over 1024 k-means codes of
+  # the same pixel patches, an L2 head, a causal AR in random order:
+  python train.py --data fashion_mnist --no-hflip --vq 1024 --head ce --codebook runs/codebook.pth
+  python train.py --data fashion_mnist --no-hflip --head l2
+  python train.py --data fashion_mnist --no-hflip --model ar_tiny --order random
   # continue a run exactly where it stopped (Ctrl-C / SIGTERM saves a checkpoint first):
   python train.py --resume output/checkpoint-last.pth
 
@@ -194,6 +199,8 @@ def make_tokenizer(args, dataset):
         size = getattr(dataset, "image_size", args.image_size)
         if args.image_size not in (None, size):
             raise ValueError(f"--image_size {args.image_size} but the {args.data} images are {size}x{size}")
+        if args.vq is not None:
+            return vq_tokenizer(args, dataset, size, args.patch_size or 4)
         return tk.PixelTokenizer(size, dataset.channels, args.patch_size or 4)
     vae = tk.load_vae(args.vae)
     if args.data == "latents":
@@ -201,6 +208,26 @@ def make_tokenizer(args, dataset):
     else:
         size = getattr(dataset, "image_size", args.image_size or 256)
     return tk.KLTokenizer(vae, size, args.patch_size or 1)
+
+
+def vq_tokenizer(args, dataset, size, p):
+    """--vq K: the codebook file if it exists (so several runs share one codebook), else a fresh
+    k-means fit (seeded, deterministic), written there for the next run."""
+    path = args.codebook or os.path.join(args.output_dir, "codebook.pth")
+    if os.path.exists(path):
+        cfg = tk.torch_load(path)
+        vq = tk.build_tokenizer(cfg) if isinstance(cfg, dict) and cfg.get("kind") == "vq" else None
+        if vq is None or (vq.num_codes, vq.image_size, vq.channels, vq.patch_size) != (args.vq, size, dataset.channels, p):
+            found = "not a VQTokenizer config" if vq is None else f"K={vq.num_codes}, {vq.image_size}px, patch {vq.patch_size}"
+            raise ValueError(f"--codebook {path} does not fit this run ({found}; want K={args.vq}, {size}px, "
+                             f"patch {p}): pass another --codebook path")
+        return vq
+    print0(f"fitting a {args.vq}-code k-means codebook on the {p}x{p} patches (seed {args.seed}) -> {path}")
+    vq = tk.VQTokenizer.fit(dataset, args.vq, p, seed=args.seed)
+    if not dist.is_initialized() or dist.get_rank() == 0:      # one writer; every rank fits the same book
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_checkpoint(path, vq.config())
+    return vq
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,7 +249,7 @@ def update_ema(ema, model, decay, step):
     ImageNet run's final EMA is the same (what came before step 90k is weighted by < e^-40)."""
     d = min(decay, (1 + step) / (10 + step))
     # One multi-tensor launch for all weights. Buffers need no averaging: the models' only buffers are
-    # the Diffusion Loss schedule constants, equal in both copies.
+    # the Diffusion Loss schedule constants and the CE head's codebook, equal in both copies.
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
 
 
@@ -231,7 +258,7 @@ def update_ema(ema, model, decay, step):
 # ------------------------------------------------------------------------------------------------
 # Arguments that change the numbers: resuming with a different value would silently start another run.
 MUST_MATCH = ("model", "data", "image_size", "patch_size", "hflip", "seed", "batch_size", "shards", "blr",
-              "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay")
+              "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay", "head", "vq", "order")
 
 
 def save_checkpoint(path, state):
@@ -240,17 +267,41 @@ def save_checkpoint(path, state):
     os.replace(path + ".tmp", path)
 
 
+def same_config(a, b):
+    """== for plain dicts that may hold tensors (a VQ tokenizer's codebook)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_config(a[k], b[k]) for k in a)
+    return a == b
+
+
+def resolve_defaults(args):
+    """Defaults that depend on other arguments (a dict, in place): ar_* models generate in raster order."""
+    if args["model"].startswith("ar_") and args.get("order") is None:
+        args["order"] = "raster"
+    return args
+
+
+def checkpoint_args(ckpt):
+    """The arguments a checkpoint was trained with. A key missing from it is a flag added after it was
+    written: that run used the flag's default."""
+    return resolve_defaults({**vars(build_parser().parse_args([])), **ckpt["args"]})
+
+
 def check_resume(ckpt, run_args, tokenizer_cfg):
     need = ("model", "model_ema", "optimizer", "step", "args", "tokenizer")
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in need):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"--resume {run_args['resume']!r} is not a train.py checkpoint (it needs {', '.join(need)}; "
                          f"found {found}): pass the checkpoint-last.pth of the run to continue")
-    old = ckpt["args"]
+    old = checkpoint_args(ckpt)
     keys = MUST_MATCH + (("epochs",) if run_args["lr_schedule"] == "cosine" else ())
     diff = [f"{k}: checkpoint {old.get(k)!r} vs now {run_args.get(k)!r}" for k in keys if old.get(k) != run_args.get(k)]
-    if ckpt["tokenizer"] != tokenizer_cfg:
-        diff.append(f"tokenizer: checkpoint {ckpt['tokenizer']} vs now {tokenizer_cfg}")
+    if not same_config(ckpt["tokenizer"], tokenizer_cfg):
+        show = lambda cfg: {k: (f"tensor{tuple(v.shape)}" if torch.is_tensor(v) else v) for k, v in cfg.items()}
+        diff.append(f"tokenizer: checkpoint {show(ckpt['tokenizer'])} vs now {show(tokenizer_cfg)}"
+                    + (" (different codebooks)" if ckpt["tokenizer"].get("kind") == tokenizer_cfg.get("kind") == "vq" else ""))
     if diff:
         raise ValueError("--resume: this run's settings differ from the checkpoint's, so it would not continue "
                          "the same run:\n  " + "\n  ".join(diff) + "\n  (shards = world_size * accum_iter)")
@@ -265,7 +316,7 @@ def duration(seconds):
     return (f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m") + f"{rest % 60:02d}s"
 
 
-def get_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", default="mar_tiny", choices=list(mar.MODELS), help="size from mar.MODELS")
@@ -276,6 +327,13 @@ def get_args(argv=None):
     a("--image_size", type=int, default=None, help="builtin / folder image size (default 16 / 256)")
     a("--patch_size", type=int, default=None, help="token = p x p patch: pixels (default 4) or VAE latents (default 1)")
     a("--vae", default=None, help="kl16.ckpt: model KL-16 latents instead of pixels")
+    a("--vq", type=int, default=None, metavar="K",
+      help="discrete tokens (Table 1's CE baseline): snap each pixel patch to the nearest of K k-means codes")
+    a("--codebook", default=None, help="--vq codebook file: loaded if it exists, else fitted (seeded by --seed) "
+                                       "and written there (default: OUTPUT_DIR/codebook.pth)")
+    a("--head", default="diffusion", choices=mar.HEADS,
+      help="per-token loss: diffusion (the paper), ce (cross-entropy over the --vq codes), l2 (MSE, App. D.2)")
+    a("--order", default=None, choices=("raster", "random"), help="ar_* models: generation order (default raster)")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True,
       help="random horizontal flips (the paper's augmentation); --no-hflip for digits or text")
     a("--batch_size", type=int, default=64, help="images per process per micro-step")
@@ -297,7 +355,11 @@ def get_args(argv=None):
     a("--log_every", type=int, default=50)
     a("--ckpt_every", type=int, default=500)
     a("--sample_every", type=int, default=1000, help="preview grid every N steps and at the end; 0 = none")
-    args = p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    args = build_parser().parse_args(argv)
     for name in ("batch_size", "accum_iter", "log_every", "ckpt_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -307,6 +369,13 @@ def get_args(argv=None):
         raise ValueError(f"--max_steps must be >= 1, got {args.max_steps} (leave it out to run all --epochs)")
     if not args.warmup_epochs >= 0:
         raise ValueError(f"--warmup_epochs must be >= 0, got {args.warmup_epochs}")
+    if args.head == "ce" and args.vq is None:
+        raise ValueError("--head ce is a softmax over discrete codes: add --vq K (e.g. --vq 1024)")
+    if args.vq is not None and (args.vq < 2 or args.vae is not None):
+        raise ValueError(f"--vq {args.vq}: needs K >= 2 and pixel tokens (it quantizes pixel patches, not --vae latents)")
+    if args.order is not None and not args.model.startswith("ar_"):
+        raise ValueError(f"--order is for the causal ar_* models; {args.model} always generates in random order")
+    resolve_defaults(vars(args))
     if args.resume is not None and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint (a missing file never means "
                                 "'start from scratch': drop --resume to start a new run)")
@@ -340,10 +409,18 @@ def train(args, rank, world, device):
 
     torch.manual_seed(args.seed)                                         # same initial weights on every rank
     extra = {"grad_checkpointing": True} if args.grad_checkpointing else {}
-    if tokenizer.token_bound is not None:        # bounded tokens (pixels): clip x0 while sampling
+    if tokenizer.token_bound is not None and args.head == "diffusion":  # bounded tokens (pixels): clip x0 while sampling
         extra["clip_x0"] = tokenizer.token_bound
+    if args.head != "diffusion":
+        extra["head"] = args.head
+    if args.head == "ce":
+        extra["num_codes"] = tokenizer.num_codes
+    if args.order is not None:
+        extra["order"] = args.order
     model = mar.build_model(args.model, seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim,
                             num_classes=dataset.num_classes, **extra)
+    if args.head == "ce":                        # the head samples codes: it holds the tokenizer's codebook
+        model.diffloss.codebook.copy_(tokenizer.codebook)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(mar.param_groups(model, args.weight_decay), lr=0.0, betas=(0.9, 0.95))
     step = 0
