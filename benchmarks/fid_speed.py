@@ -41,7 +41,8 @@ def build(variant, model):
     if variant == "fused":
         with torch.inference_mode():
             return model.fused(), time.perf_counter() - t0
-    import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config  # lazily: only this variant needs inductor
+
     inductor_config.freezing = True  # weights are constants: lets inductor fold BN and pre-pack them
     net = copy.deepcopy(model)
     net.memory_format = torch.channels_last
