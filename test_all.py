@@ -1754,3 +1754,79 @@ def test_table1_end_to_end_tiny(tmp_path):
     assert len(out.read_text().splitlines()) == len(rows) and (runs / "t1_mar_tiny_ce.log").read_text() == log
     with pytest.raises(ValueError, match="unknown --rows"):
         table1.main(argv[:1] + ["mar_ce"] + argv[2:])
+
+
+# ==============================================================================================
+# Fast FID feature extraction (issue 11, item 4): FIDInceptionV3.fused() against the op-by-op network
+
+@pytest.fixture(scope="module")
+def gray28(inception):
+    """Six 28x28 grayscale uint8 images (Fashion-MNIST's shape) and their reference features / logits."""
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return (images,) + inception["model"](images)
+
+
+def assert_fp32_close(got, ref):
+    """The fused network's tolerance: 1e-5 of the largest value, ~80 fp32 eps. The fused path only
+    reorders roundings (s * w rounded once instead of s * (w . x); oneDNN's blocked summation order):
+    measured 5e-7 of the scale with these random weights, 1.6e-6 with the real ones. A change in the
+    math is far above it: BN's eps at torch's 1e-5 instead of TF's 1e-3, for instance, moves these
+    features by 1e-2 of the scale."""
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_fused_inception_equals_reference(inception, gray28):
+    """BN folded into the convs, ReLU fused (oneDNN on CPU), channels-last: the same features and
+    logits up to fp32 rounding, and the same FID."""
+    model, (images, features, logits) = inception["model"], gray28
+    fast = model.fused()
+    units = [m for m in fast.modules() if isinstance(m, fid.FusedConv2d)]
+    assert len(units) == 94 and not any(isinstance(m, fid.BasicConv2d) for m in fast.modules())
+    assert all(u.onednn == torch.backends.mkldnn.is_available() for u in units)
+    assert list(model.state_dict()) == list(inception["state"])  # the loaded model is left as it was
+    assert isinstance(model.Conv2d_1a_3x3, fid.BasicConv2d) and model.memory_format == torch.contiguous_format
+    f, lg = fast(images)
+    assert_fp32_close(f, features)
+    assert_fp32_close(lg, logits)
+    # the gray image passed as one channel is the same network input as its RGB copy: equal bit for bit
+    assert torch.equal(fast(images[:1].expand(-1, 3, -1, -1))[0], f[:1])
+    # FID of two halves (3 images each), on the first 256 feature dimensions: the full 2048-d matrix
+    # square root costs a minute on 2 busy cores, and the bound does not depend on the dimension
+    fid_of = lambda x: fid.frechet_distance(*fid.feature_statistics(x[:3, :256].double().numpy()),
+                                            *fid.feature_statistics(x[3:, :256].double().numpy()))
+    assert fid_of(f) == pytest.approx(fid_of(features), rel=1e-3)
+
+
+def test_fused_inception_portable_path(inception, gray28, monkeypatch):
+    """Without oneDNN (another device, or torch.backends.mkldnn disabled) the fused units run
+    F.conv2d + ReLU on the folded weights: the same features up to fp32 rounding too."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    fast = inception["model"].fused()
+    monkeypatch.undo()
+    assert not any(u.onednn for u in fast.modules() if isinstance(u, fid.FusedConv2d))
+    images, features, _ = gray28
+    assert_fp32_close(fast(images[:2])[0], features[:2])
+
+
+def test_extract_features_fused_and_unfused(inception, gray28):
+    """extract_features runs the fused network by default (fused=False: the op-by-op one), in batches."""
+    images, features, _ = gray28
+    nhw = images[:3, 0].numpy()  # (3, 28, 28) grayscale array, as the Fashion-MNIST .npz files hold
+    fused, _ = fid.extract_features(inception["model"], nhw, batch_size=2, progress=False)
+    unfused, _ = fid.extract_features(inception["model"], nhw, batch_size=2, progress=False, fused=False)
+    for got in (fused, unfused):
+        assert_fp32_close(torch.from_numpy(got), features[:3].double())
+    assert not np.array_equal(fused, unfused)  # the default really is the other path
+
+
+def test_fid_speed_benchmark_runs(inception):
+    """benchmarks/fid_speed.py end to end on a tiny run (random weights): one row per variant."""
+    cmd = [sys.executable, "benchmarks/fid_speed.py", "--inception", inception["path"], "--batch", "1",
+           "--size", "8", "--repeats", "1", "--warmup", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread: no oversubscription in CI
+    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:]}
+    assert list(rows) == ["reference", "fused"]
+    assert float(rows["reference"][2]) == 1.0 and float(rows["fused"][1]) > 0  # speedup column, images/s
+    assert float(rows["reference"][5]) == 0 and float(rows["fused"][5]) < 1e-3  # max_abs_diff
