@@ -388,7 +388,15 @@ def train(args, rank, world, device):
             images = generate(ema, tokenizer, labels, g)          # sample.py's defaults: no CFG, 64 steps (<= seq)
             save_grid(images, os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
 
+    def check_finite():
+        bad = int(first_bad)                     # the same on every rank: gradients are all-reduced
+        if bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss/gradient at step {bad}: stopping. The last good checkpoint is "
+                f"{ckpt_path if os.path.exists(ckpt_path) else 'none'}; try a lower --blr.")
+
     loss_sum, window_start, window_steps, t_start = torch.zeros((), device=device), time.time(), 0, time.time()
+    first_bad = torch.tensor(-1, device=device)
     try:
         while step < stop_step:
             lr = learning_rate(step, peak_lr, warmup_steps, total_steps, args.lr_schedule)
@@ -407,10 +415,10 @@ def train(args, rank, world, device):
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if not math.isfinite(grad_norm.item()):   # the same value on every rank: grads are all-reduced
-                raise FloatingPointError(
-                    f"non-finite loss/gradient at step {step} (grad norm {grad_norm.item()}): stopping. The last "
-                    f"good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}; try a lower --blr.")
+            # The first step with a non-finite gradient norm, kept on the device: reading it every step
+            # would make the host wait for the device each step; it is read before anything is logged
+            # or saved (check_finite), so no checkpoint ever holds weights updated with it.
+            first_bad = torch.where(torch.isfinite(grad_norm) | (first_bad >= 0), first_bad, step)
             opt.step()
             opt.zero_grad(set_to_none=True)
             update_ema(ema, model, args.ema_decay, step)
@@ -422,6 +430,8 @@ def train(args, rank, world, device):
                 flag = torch.tensor(float(stopping), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = bool(flag.item())
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == stop_step or stopping:
+                check_finite()
             if step % args.log_every == 0 or step == stop_step or stopping:
                 if world > 1:
                     dist.all_reduce(loss_sum)
