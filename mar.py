@@ -335,6 +335,13 @@ class MAR(nn.Module):
 
     # -- generation (Sec. 3.5, Fig. 3) ---------------------------------------------------------
 
+    def compile_sampler(self):
+        """torch.compile the generation loop's two halves: z from the known tokens (the Transformer,
+        one graph; the known count is a dynamic size) and the Diffusion Loss sampler's step. The
+        loops stay in Python. Same samples as eager up to float rounding (test_all.py)."""
+        self.diffloss.compile_sampler()
+        self._forward_z = torch.compile(self._forward_z, dynamic=True, fullgraph=True)  # shadows the method
+
     @torch.no_grad()
     def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None,
                       temperature=1.0, generator=None):
@@ -452,6 +459,11 @@ class AR(nn.Module):
         target = tokens.gather(1, orders[..., None].expand(-1, -1, C))           # same order as z
         m = self.diffusion_batch_mul
         return self.diffloss(target.reshape(B * L, C).repeat(m, 1), z.reshape(B * L, -1).repeat(m, 1))
+
+    def compile_sampler(self):
+        """torch.compile the Diffusion Loss sampler's step only: with the KV cache every step sees
+        caches of a new length, a dict mutated in place, which torch.compile does not capture whole."""
+        self.diffloss.compile_sampler()
 
     @torch.no_grad()
     def sample_tokens(self, bsz, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
