@@ -279,6 +279,7 @@ def get_args(argv=None):
     a("--grad_clip", type=float, default=3.0, help="max gradient norm (paper: 3.0)")
     a("--ema_decay", type=float, default=0.9999, help="EMA of the weights, used for sampling (paper: 0.9999)")
     a("--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory")
+    a("--compile", action="store_true", help="torch.compile the Diffusion Loss MLP (see README, Speed)")
     a("--seed", type=int, default=0)
     a("--num_workers", type=int, default=0, help="DataLoader processes (use ~8 for --data folder/latents)")
     a("--output_dir", default=DEFAULT_OUTPUT_DIR)
@@ -337,6 +338,11 @@ def train(args, rank, world, device):
         step = ckpt["step"]
     model.to(device)
     ema.to(device)
+    if args.compile:
+        # The head sees a static (B * seq * 4, C) batch every step: one graph. In place (Module.compile),
+        # so the state dict keeps its names (no "_orig_mod."). The Transformer stays eager: its
+        # known-token count changes every step (a new shape, more graphs).
+        model.diffloss.net.compile()
     opt.load_state_dict(opt.state_dict())        # moves a resumed optimizer's state onto the device
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
 
