@@ -215,6 +215,7 @@ class DiffLoss(nn.Module):
             self.register_buffer("sample_" + name, torch.tensor(value, dtype=torch.float32, device=device),
                                  persistent=False)
         self.register_buffer("sample_t", torch.tensor(kept, device=device), persistent=False)  # original index
+        self.register_buffer("sample_index", torch.arange(len(kept), device=device), persistent=False)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -277,18 +278,32 @@ class DiffLoss(nn.Module):
         steps = self.num_sampling_steps
         # All randomness is drawn up front: one call, static shapes, no host work inside the loop.
         noise = torch.randn(steps + 1, B, self.in_channels, device=z.device, generator=generator)
-        x = noise[steps]                                                   # x_T, (B, C)
+        # Fresh tensors, not views, go into each step: a compiled step guards on a view's storage
+        # offset (0, 1 or more) and would recompile for the last steps.
+        x, z = noise[steps].clone(), z.clone()                             # x_T, (B, C)
         for i in reversed(range(steps)):
-            c = lambda name: getattr(self, "sample_" + name)[i]             # 0-dim coefficient
-            t = self.sample_t[i].expand(z.shape[0])                        # ORIGINAL step index
-            out = self.net(torch.cat([x, x]) if guided else x, t, z).float()
-            eps_hat, v = out.chunk(2, dim=-1)
-            if guided:
-                (eps_c, eps_u), v = eps_hat.chunk(2), v[:B]
-                eps_hat = eps_u + cfg * (eps_c - eps_u)
-            mean, logvar = self._p_mean_logvar(x, eps_hat, v, c, self.clip_x0)
-            x = mean + (i > 0) * torch.exp(0.5 * logvar) * temperature * noise[i]  # no noise at t = 0
+            x = self.sample_step(x, z, self.sample_index[i:i + 1].clone(), noise[i].clone(),
+                                 cfg if guided else None, temperature)
         return torch.cat([x, x]) if guided else x
+
+    def sample_step(self, x, z, i, noise, cfg, temperature):
+        """One step of Eq. 3, x_t (B, C) -> x_{t-1}: i is the sampling step as a (1,) tensor (so one
+        compiled graph serves every step), cfg None without guidance (then z has B rows, else 2B)."""
+        c = lambda name: getattr(self, "sample_" + name)[i]                # (1,) coefficient
+        t = self.sample_t[i].expand(z.shape[0])                            # ORIGINAL step index
+        out = self.net(x if cfg is None else torch.cat([x, x]), t, z).float()
+        eps_hat, v = out.chunk(2, dim=-1)
+        if cfg is not None:
+            (eps_c, eps_u), v = eps_hat.chunk(2), v[:x.shape[0]]
+            eps_hat = eps_u + cfg * (eps_c - eps_u)
+        mean, logvar = self._p_mean_logvar(x, eps_hat, v, c, self.clip_x0)
+        return mean + (i > 0) * torch.exp(0.5 * logvar) * temperature * noise  # no noise at t = 0
+
+    def compile_sampler(self):
+        """torch.compile the sampler's step: the network and the update of Eq. 3 in one graph. The
+        number of rows changes with every MAR generation step (dynamic=True); cfg and temperature are
+        graph inputs, not constants, so the linear CFG schedule does not recompile."""
+        self.sample_step = torch.compile(self.sample_step, dynamic=True, fullgraph=True)  # shadows the method
 
     # -- input checks --------------------------------------------------------------------------
 

@@ -109,6 +109,19 @@ def run_blocks(blocks, x, grad_checkpointing, causal=False, caches=None):
     return x
 
 
+def index_of(flags, n):
+    """(B, n) positions of the True entries of flags (B, L), ascending in each row; every row must hold
+    exactly n of them. n is a host-side int, so the result has a static shape: this replaces boolean
+    indexing (x[flags], which must read the count back from the device) with the same elements in the
+    same order (a stable sort keeps the True positions in their original order)."""
+    return (~flags).to(torch.uint8).argsort(dim=1, stable=True)[:, :n]
+
+
+def gather_rows(x, index):
+    """x (B, L, D), index (B, n) -> (B, n, D): x[b, index[b, j]]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def init_transformer_weights(model):
     """FACTS "Init": xavier-uniform linears with zero bias, LayerNorm (1, 0). The per-token head is
     skipped: it keeps its own init (zero adaLN and output layers, so its blocks start as identity)."""
@@ -193,7 +206,8 @@ class TokenMLP(nn.Module):
 class _PointHead(nn.Module):
     """What the CE and L2 heads share with DiffLoss's interface: forward(target (N, C), z (N, Z),
     mask (N,)) -> mask-weighted mean loss; sample(z, temperature, cfg, generator) -> (N, C) with z =
-    [z_c; z_u] under CFG and the B guided rows returned twice; `.net` (what sample.py --compile wraps)."""
+    [z_c; z_u] under CFG and the B guided rows returned twice; set_sampling_steps, compile_sampler, and
+    `.net` (what train.py --compile compiles)."""
 
     def __init__(self, token_dim, z_channels, depth, width, out_channels):
         super().__init__()
@@ -202,6 +216,11 @@ class _PointHead(nn.Module):
 
     def set_sampling_steps(self, num_sampling_steps):
         """No diffusion steps to respace: a no-op, so sample.py's --num_sampling_steps fits every head."""
+
+    def compile_sampler(self):
+        """torch.compile the MLP in place (DiffLoss compiles its whole sampler step); the number of rows
+        changes with every MAR generation step, hence dynamic."""
+        self.net.compile(dynamic=True)
 
     _check = DiffLoss._check        # the same shape contract and error messages
 
@@ -372,21 +391,27 @@ class MAR(nn.Module):
             emb = torch.where(drop[:, None], self.fake_latent.to(emb.dtype), emb)
         return emb
 
-    def random_mask(self, batch, device):
-        """Training mask (B, seq), 1 = unknown. One ratio per batch from N(1, 0.25) truncated to
-        [mask_ratio_min, 1] (inverse-CDF sampling, torch RNG); the first ceil(seq * ratio) positions
-        of a per-sample random permutation are masked."""
+    def mask_count(self):
+        """Tokens masked in one training batch: ceil(seq * ratio), one ratio per batch from N(1, 0.25)
+        truncated to [mask_ratio_min, 1] (inverse-CDF sampling, torch RNG). Drawn on the CPU as a
+        Python int, so the masked/known split has a static shape with no device-to-host read."""
         mu, std = 1.0, 0.25
         cdf = lambda v: torch.special.ndtr(torch.tensor((v - mu) / std, dtype=torch.float64))
         lo, hi = cdf(self.mask_ratio_min), cdf(1.0)
         ratio = mu + std * torch.special.ndtri(lo + (hi - lo) * torch.rand((), dtype=torch.float64))
-        num_masked = math.ceil(self.seq_len * float(ratio.clamp(self.mask_ratio_min, 1.0)))
+        return math.ceil(self.seq_len * float(ratio.clamp(self.mask_ratio_min, 1.0)))
+
+    def random_mask(self, batch, device, num_masked=None):
+        """Training mask (B, seq), 1 = unknown: the first num_masked positions (default: a fresh
+        mask_count()) of a per-sample random permutation are masked."""
+        num_masked = self.mask_count() if num_masked is None else num_masked
         order = torch.rand(batch, self.seq_len, device=device).argsort(dim=1)   # (B, seq) permutations
         mask = torch.zeros(batch, self.seq_len, device=device)
         return mask.scatter_(1, order[:, :num_masked], 1.0)
 
-    def forward_encoder(self, tokens, mask, cls):
-        """Known tokens -> encoder features. tokens (B, seq, C), mask (B, seq), cls (B, E)."""
+    def forward_encoder(self, tokens, keep, cls):
+        """Known tokens -> encoder features. tokens (B, seq, C), keep (B, 64+known) = keep_index(),
+        cls (B, E)."""
         B = tokens.shape[0]
         x = self.z_proj(tokens)                                                  # (B, seq, E)
         buffer = cls.to(x.dtype)[:, None].expand(B, self.buffer_size, -1)       # (B, 64, E)
@@ -394,41 +419,46 @@ class MAR(nn.Module):
         x = self.z_proj_ln(x)
         # Drop the unknown tokens (after the LayerNorm, as released): the encoder never sees them,
         # so masked values cannot leak into z. Every row keeps the same number of tokens.
-        keep = self._keep(mask)                                                  # (B, 64+seq) bool
-        x = x[keep].reshape(B, -1, x.shape[-1])                                  # (B, 64+known, E)
+        x = gather_rows(x, keep)                                                 # (B, 64+known, E)
         x = run_blocks(self.encoder_blocks, x, self.grad_checkpointing and self.training)
         return self.encoder_norm(x)
 
-    def forward_decoder(self, x, mask):
+    def forward_decoder(self, x, keep):
         """Encoder features -> z. Unknown positions get mask_token; the buffer is dropped at the end."""
         x = self.decoder_embed(x)                                                # (B, 64+known, D)
-        keep = self._keep(mask)
-        full = self.mask_token.to(x.dtype).repeat(keep.shape[0], keep.shape[1], 1)  # (B, 64+seq, D)
-        full[keep] = x.reshape(-1, x.shape[-1])
+        full = self.mask_token.to(x.dtype).repeat(x.shape[0], self.buffer_size + self.seq_len, 1)  # (B, 64+seq, D)
+        full = full.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), x)
         x = full + self.decoder_pos_embed_learned
         x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing and self.training)
         x = self.decoder_norm(x)[:, self.buffer_size:]                           # (B, seq, D)
         # A position embedding for the head: z must say which token it is the condition for.
         return x + self.diffusion_pos_embed_learned
 
-    def forward_z(self, tokens, mask, labels=None):
+    def forward_z(self, tokens, mask, labels=None, num_masked=None):
         """z = f(known tokens): tokens (B, seq, C), mask (B, seq) 1 = unknown (same count per row),
-        labels (B,) or None (unconditional, fake_latent) -> z (B, seq, D), one vector per token."""
-        return self._forward_z(tokens, mask, self.class_embedding(labels, tokens.shape[0]))
+        labels (B,) or None (unconditional, fake_latent) -> z (B, seq, D), one vector per token.
+        num_masked: the count per row if the caller knows it (training, generation); None reads it
+        off the mask and checks it, which waits for the device."""
+        if num_masked is None:
+            counts = mask.sum(dim=1)
+            if (counts != counts[0]).any():
+                raise ValueError("every row of the mask must hide the same number of tokens")
+            num_masked = int(counts[0])
+        return self._forward_z(tokens, mask, self.class_embedding(labels, tokens.shape[0]), num_masked)
 
-    def _forward_z(self, tokens, mask, cls):
+    def _forward_z(self, tokens, mask, cls, num_masked):
         if tokens.shape[1:] != (self.seq_len, self.token_dim) or mask.shape != tokens.shape[:2]:
             raise ValueError(f"expected tokens (B, {self.seq_len}, {self.token_dim}) and mask (B, "
                              f"{self.seq_len}), got {tuple(tokens.shape)} and {tuple(mask.shape)}")
-        return self.forward_decoder(self.forward_encoder(tokens, mask, cls), mask)
+        keep = self.keep_index(mask, num_masked)                                 # (B, 64+known)
+        return self.forward_decoder(self.forward_encoder(tokens, keep, cls), keep)
 
-    def _keep(self, mask):
-        """(B, buffer+seq) bool: the buffer and the known tokens."""
-        counts = mask.sum(dim=1)
-        if (counts != counts[0]).any():
-            raise ValueError("every row of the mask must hide the same number of tokens")
+    def keep_index(self, mask, num_masked):
+        """(B, buffer + seq - num_masked) positions in the (buffer + seq) sequence of the buffer and the
+        known tokens, ascending: boolean indexing's elements in its order, with a shape fixed by the
+        host-side count (no device-to-host read; one graph for torch.compile)."""
         buffer = torch.ones(mask.shape[0], self.buffer_size, dtype=torch.bool, device=mask.device)
-        return torch.cat([buffer, mask == 0], dim=1)
+        return index_of(torch.cat([buffer, mask == 0], dim=1), self.buffer_size + mask.shape[1] - num_masked)
 
     def forward_loss(self, z, target, mask):
         """Diffusion Loss on the masked tokens, each repeated diffusion_batch_mul times (Sec. 3.2)."""
@@ -441,10 +471,18 @@ class MAR(nn.Module):
         """One training step's loss: random mask, z from the known tokens, loss on the unknown ones.
         tokens (B, seq, C); labels (B,) long (an unconditional data set: num_classes=1, all zeros, so
         that label drop still trains fake_latent and sampling with random labels stays consistent)."""
-        mask = self.random_mask(tokens.shape[0], tokens.device)                 # (B, seq)
-        return self.forward_loss(self.forward_z(tokens, mask, labels), tokens, mask)
+        num_masked = self.mask_count()
+        mask = self.random_mask(tokens.shape[0], tokens.device, num_masked)     # (B, seq)
+        return self.forward_loss(self.forward_z(tokens, mask, labels, num_masked), tokens, mask)
 
     # -- generation (Sec. 3.5, Fig. 3) ---------------------------------------------------------
+
+    def compile_sampler(self):
+        """torch.compile the generation loop's two halves: z from the known tokens (the Transformer,
+        one graph; the known count is a dynamic size) and the Diffusion Loss sampler's step. The
+        loops stay in Python. Same samples as eager up to float rounding (test_all.py)."""
+        self.diffloss.compile_sampler()
+        self._forward_z = torch.compile(self._forward_z, dynamic=True, fullgraph=True)  # shadows the method
 
     @torch.no_grad()
     def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None,
@@ -467,16 +505,19 @@ class MAR(nn.Module):
         rank = orders.argsort(dim=1)                            # rank[b, pos]: where pos is in b's order
         tokens = torch.zeros(bsz, L, self.token_dim, device=device)
         mask = torch.ones(bsz, L, device=device)                                 # 1 = unknown
-        steps = mar_schedule(L, num_iter)
+        steps, still = mar_schedule(L, num_iter), L                            # still: unknown per row
         for k, (mask_len, num_pred) in enumerate(steps):
-            z = self._forward_z(both(tokens), both(mask), cls)                   # (B or 2B, seq, D)
+            z = self._forward_z(both(tokens), both(mask), cls, still)            # (B or 2B, seq, D)
             # Still unknown after this step: the first mask_len positions of each order.
             mask_next = rank < (mask_len if k < num_iter - 1 else 0)              # (B, seq) bool
             to_pred = mask.bool() & ~mask_next                                    # num_pred per row
+            pred = index_of(to_pred, num_pred)                                    # (B, num_pred) ascending
             w = cfg_scale(cfg, cfg_schedule, mask_len, L) if guided else 1.0
-            new = self.diffloss.sample(z[both(to_pred)], temperature, w, generator)  # rows [cond; uncond]
-            tokens[to_pred] = new[: bsz * num_pred].to(tokens.dtype)              # cond half under CFG
-            mask = mask_next.float()
+            z = gather_rows(z, both(pred)).reshape(-1, z.shape[-1])               # rows [cond; uncond]
+            new = self.diffloss.sample(z, temperature, w, generator)[:bsz * num_pred]  # cond half under CFG
+            tokens.scatter_(1, pred[..., None].expand(-1, -1, self.token_dim),
+                            new.reshape(bsz, num_pred, -1).to(tokens.dtype))
+            mask, still = mask_next.float(), still - num_pred
         return tokens
 
 
@@ -561,6 +602,11 @@ class AR(nn.Module):
         target = tokens.gather(1, orders[..., None].expand(-1, -1, C))           # same order as z
         m = self.diffusion_batch_mul
         return self.diffloss(target.reshape(B * L, C).repeat(m, 1), z.reshape(B * L, -1).repeat(m, 1))
+
+    def compile_sampler(self):
+        """torch.compile the Diffusion Loss sampler's step only: with the KV cache every step sees
+        caches of a new length, a dict mutated in place, which torch.compile does not capture whole."""
+        self.diffloss.compile_sampler()
 
     @torch.no_grad()
     def sample_tokens(self, bsz, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,

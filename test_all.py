@@ -1830,3 +1830,71 @@ def test_fid_speed_benchmark_runs(inception):
     assert list(rows) == ["reference", "fused"]
     assert float(rows["reference"][2]) == 1.0 and float(rows["fused"][1]) > 0  # speedup column, images/s
     assert float(rows["reference"][5]) == 0 and float(rows["fused"][5]) < 1e-3  # max_abs_diff
+
+
+# ==============================================================================================
+# Issue 11: no host synchronisation in MAR's masking; torch.compile of the sampler
+
+def boolean_forward_z(model, tokens, mask, labels):
+    """The masking of forward_z written with boolean indexing (data-dependent shapes): the reference
+    that the static-shape gather/scatter path must reproduce exactly."""
+    B = tokens.shape[0]
+    cls = model.class_embedding(labels, B)
+    x = model.z_proj(tokens)
+    x = torch.cat([cls[:, None].expand(B, model.buffer_size, -1), x], dim=1) + model.encoder_pos_embed_learned
+    keep = torch.cat([torch.ones(B, model.buffer_size, dtype=torch.bool), mask == 0], dim=1)
+    x = model.z_proj_ln(x)[keep].reshape(B, -1, x.shape[-1])
+    x = model.decoder_embed(model.encoder_norm(train.mar.run_blocks(model.encoder_blocks, x, False)))
+    full = model.mask_token.repeat(B, keep.shape[1], 1)
+    full[keep] = x.reshape(-1, x.shape[-1])
+    x = model.decoder_norm(train.mar.run_blocks(model.decoder_blocks, full + model.decoder_pos_embed_learned, False))
+    return x[:, model.buffer_size:] + model.diffusion_pos_embed_learned
+
+
+@pytest.mark.parametrize("num_masked", [0, 1, 7, SEQ - 1, SEQ])
+def test_static_shape_masking_equals_boolean_indexing(num_masked):
+    model, B = tiny("mar_tiny"), 3
+    tokens, labels = torch.randn(B, SEQ, DIM), torch.tensor([0, 1, 2])
+    mask = model.random_mask(B, "cpu", num_masked)
+    assert (mask.sum(1) == num_masked).all()
+    ref = boolean_forward_z(model, tokens, mask, labels)
+    assert torch.equal(model.forward_z(tokens, mask, labels, num_masked), ref)
+    assert torch.equal(model.forward_z(tokens, mask, labels), ref)        # count read off the mask
+    flags = torch.rand(B, SEQ).argsort(1) < num_masked                   # index_of: positions, ascending
+    assert torch.equal(train.mar.index_of(flags, num_masked), flags.nonzero()[:, 1].reshape(B, num_masked))
+
+
+def test_non_finite_loss_found_between_checks(tmp_path, monkeypatch):
+    """The finiteness flag stays on the device and is read at log/checkpoint steps only: a NaN at
+    step 2 is found at the step-4 checkpoint, named as step 2, and the step-2 checkpoint survives."""
+    forward = train.mar.MAR.forward
+
+    def poisoned(self, tokens, labels=None):
+        poisoned.calls += 1
+        loss = forward(self, tokens, labels)
+        return loss * float("nan") if poisoned.calls == 3 else loss     # only step 2; later steps finite
+    poisoned.calls = 0
+    monkeypatch.setattr(train.mar.MAR, "forward", poisoned)
+    args = TRAIN_TINY + ["--log_every", "100", "--ckpt_every", "2", "--max_steps", "6", "--output_dir", str(tmp_path)]
+    with pytest.raises(FloatingPointError, match="non-finite loss/gradient at step 2"):
+        train.main(args)
+    assert poisoned.calls == 4                                            # it ran on to the check
+    assert T.torch_load(tmp_path / "checkpoint-last.pth")["step"] == 2
+
+
+def test_compiled_sampler_equals_eager():
+    """torch.compile'd Diffusion Loss sampler (one graph for every step, dynamic row count, CFG as a
+    graph input) draws the same samples as eager, up to float rounding, in MAR's generation loop.
+    clip_x0 bounds the tokens: unclipped, the first step multiplies rounding by ~2e4 (diffloss.py)."""
+    model = tiny("mar_tiny", diffloss_w=32, diffloss_d=1, clip_x0=1.0)
+    run = lambda: model.sample_tokens(2, num_iter=3, cfg=2.5, generator=torch.Generator().manual_seed(0))
+    eager = run()
+    torch._dynamo.reset()
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    before = graphs()
+    model.diffloss.compile_sampler()
+    compiled = run()
+    assert graphs() - before == 1                  # 3 row counts x 5 steps x 3 CFG scales: one graph
+    assert torch.allclose(compiled, eager, atol=1e-4, rtol=0), (compiled - eager).abs().max()
+    assert not torch.allclose(eager, model.sample_tokens(2, num_iter=3, cfg=2.5, generator=torch.Generator().manual_seed(1)))
+    assert list(model.state_dict()) == list(tiny("mar_tiny", diffloss_w=32, diffloss_d=1).state_dict())

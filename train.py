@@ -348,6 +348,7 @@ def build_parser():
     a("--grad_clip", type=float, default=3.0, help="max gradient norm (paper: 3.0)")
     a("--ema_decay", type=float, default=0.9999, help="EMA of the weights, used for sampling (paper: 0.9999)")
     a("--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory")
+    a("--compile", action="store_true", help="torch.compile the Diffusion Loss MLP (see README, Speed)")
     a("--seed", type=int, default=0)
     a("--num_workers", type=int, default=0, help="DataLoader processes (use ~8 for --data folder/latents)")
     a("--output_dir", default=DEFAULT_OUTPUT_DIR)
@@ -431,6 +432,11 @@ def train(args, rank, world, device):
         step = ckpt["step"]
     model.to(device)
     ema.to(device)
+    if args.compile:
+        # The head sees a static (B * seq * 4, C) batch every step: one graph. In place (Module.compile),
+        # so the state dict keeps its names (no "_orig_mod."). The Transformer stays eager: its
+        # known-token count changes every step (a new shape, more graphs).
+        model.diffloss.net.compile()
     opt.load_state_dict(opt.state_dict())        # moves a resumed optimizer's state onto the device
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
 
@@ -484,8 +490,16 @@ def train(args, rank, world, device):
             images = generate(ema, tokenizer, labels, g)          # sample.py's defaults: no CFG, 64 steps (<= seq)
             save_grid(images, os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
 
+    def check_finite():
+        bad = int(first_bad)                     # the same on every rank: gradients are all-reduced
+        if bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss/gradient at step {bad}: stopping. The last good checkpoint is "
+                f"{ckpt_path if os.path.exists(ckpt_path) else 'none'}; try a lower --blr.")
+
     loss_sum, window_start, window_steps, t_start = torch.zeros((), device=device), time.time(), 0, time.time()
     start_step, t_first = step, None
+    first_bad = torch.tensor(-1, device=device)
     try:
         while step < stop_step:
             lr = learning_rate(step, peak_lr, warmup_steps, total_steps, args.lr_schedule)
@@ -504,10 +518,10 @@ def train(args, rank, world, device):
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if not math.isfinite(grad_norm.item()):   # the same value on every rank: grads are all-reduced
-                raise FloatingPointError(
-                    f"non-finite loss/gradient at step {step} (grad norm {grad_norm.item()}): stopping. The last "
-                    f"good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}; try a lower --blr.")
+            # The first step with a non-finite gradient norm, kept on the device: reading it every step
+            # would make the host wait for the device each step; it is read before anything is logged
+            # or saved (check_finite), so no checkpoint ever holds weights updated with it.
+            first_bad = torch.where(torch.isfinite(grad_norm) | (first_bad >= 0), first_bad, step)
             opt.step()
             opt.zero_grad(set_to_none=True)
             update_ema(ema, model, args.ema_decay, step)
@@ -527,6 +541,8 @@ def train(args, rank, world, device):
                 flag = torch.tensor(float(stopping), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = bool(flag.item())
+            if log or step % args.ckpt_every == 0 or stopping:
+                check_finite()
             if step == start_step + 1 and not (log or stopping):      # first feedback at once, not at step 50
                 print0(f"step {step}/{stop_step} | first step {now - t_start:.1f} s (includes start-up) | "
                        f"ETA {duration(eta)} (from this step alone)")

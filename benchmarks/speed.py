@@ -21,6 +21,12 @@ of tokens per AR step varies, so the compiled pieces see several shapes (marked 
 first recompile); compiling can spill into the second warm-up run, so use --warmup 2 or more. The
 `compiled_while_timed` column counts graphs compiled during the timed runs: a row is valid only if 0.
 
+--compare (issue 11; mainly for CPUs) instead times the project's own compiled paths against eager
+on copies of the same model: `model.compile_sampler()` (sample.py --compile) for sampling and the
+in-place compiled Diffusion Loss MLP (train.py --compile) for training. Eager and compiled runs
+alternate, so both see the same machine load; each gets its own row, and the compiled row's
+`first_run_s` is its first (compiling) run, timed before the warm-up. CPU commands: README, Speed.
+
 Reproduce issue 8's table on one H100 (each command < 10 min; rows are appended to --out):
   B=python benchmarks/speed.py; O="--out speed_h100.jsonl"
   $B --what sample --models mar_base  --batch 256 --dtype fp16 $O   # released: 0.198 s/img (0.163 w/o decode)
@@ -58,7 +64,7 @@ from tokenizer import VAE_CONFIGS, AutoencoderKL, KLTokenizer  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = [("what", 6), ("model", 10), ("batch", 6), ("num_iter", 9), ("diff_steps", 11), ("cfg", 4),
            ("dtype", 5), ("compile", 8), ("s_per_image", 12), ("s_per_image_no_decode", 22),
-           ("images_per_s", 13), ("peak_mem_gib", 13), ("compiled_while_timed", 21), ("device", 0)]
+           ("images_per_s", 13), ("peak_mem_gib", 13), ("compiled_while_timed", 21), ("first_run_s", 12), ("device", 0)]
 
 
 def sync(device):
@@ -89,16 +95,27 @@ def peak_gib(device):
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
-def measure(run, args, device):
+def measure(run, args, device, twin=None):
     """Warm-up runs, then `args.repeats` timed ones -> (their results, graphs compiled while timing).
-    The second number should be 0: otherwise torch.compile was still compiling; raise --warmup."""
+    The second number should be 0: otherwise torch.compile was still compiling; raise --warmup.
+    With `twin` (--compare: the same benchmark on a compiled copy) the two alternate, run by run, so
+    that both see the same machine load -> (results, twin results, graphs, seconds of twin's first run)."""
+    first = timed(twin, device)[1] if twin is not None else None      # compiles: timed on its own
     for _ in range(args.warmup):
         run()
+        if twin is not None:
+            twin()
     reset_peak(device)
     graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
     before = graphs()
-    results = [run() for _ in range(args.repeats)]
-    return results, graphs() - before
+    results, twin_results = [], []
+    for _ in range(args.repeats):
+        results.append(run())
+        if twin is not None:
+            twin_results.append(twin())
+    if twin is None:
+        return results, graphs() - before
+    return results, twin_results, graphs() - before, first
 
 
 def build_tokenizer(seq_len, token_dim, device):
@@ -122,56 +139,71 @@ def compile_hot_paths(model, tok):
         tok.vae.decoder = torch.compile(tok.vae.decoder)
 
 
-def bench_sample(model, tok, batch, args, device, dtype):
-    model.eval()
+def bench_sample(model, tok, batch, args, device, dtype, twin=None):
+    """-> [row] (or [eager row, compiled row] with twin, a compiled copy of model)."""
     labels = torch.arange(batch, device=device) % model.num_classes   # class-balanced, as for FID
-    gen = torch.Generator(device).manual_seed(0)
 
-    def run():
-        with autocast(device, dtype):
-            tokens, t_ar = timed(lambda: model.sample_tokens(batch, args.num_iter, args.cfg, labels=labels,
-                                                             generator=gen), device)   # (B, seq, C)
-            t_dec = timed(lambda: tok.decode(tokens), device)[1] if tok is not None else None
-        return t_ar, t_dec
+    def runner(model):
+        model.eval()
+        gen = torch.Generator(device).manual_seed(0)
 
-    runs, new_graphs = measure(run, args, device)
-    row = dict(what="sample", batch=batch, num_iter=args.num_iter, diff_steps=args.num_sampling_steps,
-               cfg=args.cfg, s_per_image_no_decode=statistics.median(a for a, _ in runs) / batch,
-               compiled_while_timed=new_graphs, s_per_image=None)
-    if tok is not None:
-        row["s_per_image"] = statistics.median(a + d for a, d in runs) / batch
-    return row
+        def run():
+            with autocast(device, dtype):
+                tokens, t_ar = timed(lambda: model.sample_tokens(batch, args.num_iter, args.cfg, labels=labels,
+                                                                 generator=gen), device)   # (B, seq, C)
+                t_dec = timed(lambda: tok.decode(tokens), device)[1] if tok is not None else None
+            return t_ar, t_dec
+        return run
+
+    def row(runs):
+        r = dict(what="sample", batch=batch, num_iter=args.num_iter, diff_steps=args.num_sampling_steps,
+                 cfg=args.cfg, s_per_image_no_decode=statistics.median(a for a, _ in runs) / batch, s_per_image=None)
+        if tok is not None:
+            r["s_per_image"] = statistics.median(a + d for a, d in runs) / batch
+        return r
+
+    if twin is None:
+        runs, new_graphs = measure(runner(model), args, device)
+        return [{**row(runs), "compiled_while_timed": new_graphs}]
+    runs, twin_runs, new_graphs, first = measure(runner(model), args, device, runner(twin))
+    return [{**row(runs), "compile": False}, {**row(twin_runs), "compile": True, "compiled_while_timed": new_graphs,
+                                               "first_run_s": first}]
 
 
-def bench_train(model, batch, args, device, dtype):
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    # FACTS "Optimizer": AdamW (0.9, 0.95), wd 0.02 on matrices only, lr 1e-4 * batch / 256.
-    opt = torch.optim.AdamW(mar.param_groups(model, 0.02), lr=1e-4 * batch / 256, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    ema = copy.deepcopy(model).requires_grad_(False)
-    count = itertools.count()
+def bench_train(model, batch, args, device, dtype, twin=None):
+    """-> [row] (or [eager row, compiled row] with twin, a compiled copy of model)."""
+    def runner(model):
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        # FACTS "Optimizer": AdamW (0.9, 0.95), wd 0.02 on matrices only, lr 1e-4 * batch / 256.
+        opt = torch.optim.AdamW(mar.param_groups(model, 0.02), lr=1e-4 * batch / 256, betas=(0.9, 0.95),
+                                fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+        ema = copy.deepcopy(model).requires_grad_(False)
+        count = itertools.count()
 
-    def step():
-        tokens = torch.randn(batch, model.seq_len, model.token_dim, device=device)  # cached-latent shaped
-        labels = torch.randint(0, model.num_classes, (batch,), device=device)
-        with autocast(device, dtype):
-            loss = model(tokens, labels)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
-        scaler.step(opt)
-        scaler.update()
-        train.update_ema(ema, model, 0.9999, next(count))  # train.py's EMA, every step
+        def step():
+            tokens = torch.randn(batch, model.seq_len, model.token_dim, device=device)  # cached-latent shaped
+            labels = torch.randint(0, model.num_classes, (batch,), device=device)
+            with autocast(device, dtype):
+                loss = model(tokens, labels)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 3.0)
+            scaler.step(opt)
+            scaler.update()
+            train.update_ema(ema, model, 0.9999, next(count))  # train.py's EMA, every step
+        return lambda: timed(lambda: [step() for _ in range(args.train_steps)], device)[1]
 
-    def run():
-        return timed(lambda: [step() for _ in range(args.train_steps)], device)[1]
-
-    seconds, new_graphs = measure(run, args, device)
-    return dict(what="train", batch=batch, diffusion_batch_mul=model.diffusion_batch_mul,
-                images_per_s=batch * args.train_steps / statistics.median(seconds), compiled_while_timed=new_graphs)
+    row = lambda seconds: dict(what="train", batch=batch, diffusion_batch_mul=model.diffusion_batch_mul,
+                               images_per_s=batch * args.train_steps / statistics.median(seconds))
+    if twin is None:
+        seconds, new_graphs = measure(runner(model), args, device)
+        return [{**row(seconds), "compiled_while_timed": new_graphs}]
+    seconds, twin_seconds, new_graphs, first = measure(runner(model), args, device, runner(twin))
+    return [{**row(seconds), "compile": False}, {**row(twin_seconds), "compile": True,
+                                                  "compiled_while_timed": new_graphs, "first_run_s": first}]
 
 
 def print_row(row):
@@ -194,6 +226,9 @@ def main(argv=None):
     a("--dtype", choices=DTYPES, default=None, help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--compile", action="store_true", help="torch.compile the blocks, the DiffLoss MLP, the VAE decoder")
+    a("--compare", action="store_true",
+      help="eager and compiled (sample.py / train.py --compile) side by side, runs alternating")
+    a("--num_classes", type=int, default=1000, help="classes of the model (1000 = ImageNet)")
     a("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
     a("--warmup", type=int, default=1, help="untimed runs first (CUDA init, cuDNN autotune, compile)")
     a("--seq_len", type=int, default=256, help="tokens per image (256 = KL-16 at 256x256)")
@@ -209,6 +244,8 @@ def main(argv=None):
         p.error(f"unknown --what / --models entries {bad}; models: {[m for m in mar.MODELS if m.startswith('mar_')]}")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.compare and args.compile:
+        p.error("--compare times eager and compiled copies itself: drop --compile")
 
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -223,22 +260,29 @@ def main(argv=None):
     out = open(args.out, "a") if args.out else contextlib.nullcontext()
     with out:
         for name in models:
-            model = mar.build_model(name, seq_len=args.seq_len, token_dim=args.token_dim,
+            model = mar.build_model(name, seq_len=args.seq_len, token_dim=args.token_dim, num_classes=args.num_classes,
                                     num_sampling_steps=str(args.num_sampling_steps)).to(device)
             tok = None if args.no_decode or "sample" not in what else build_tokenizer(args.seq_len, args.token_dim, device)
             if args.compile:
                 compile_hot_paths(model, tok)
-            jobs = [(bench_sample, b, (tok,)) for b in args.batch if "sample" in what]
-            jobs += [(bench_train, b, ()) for b in args.train_batch if "train" in what]
-            for fn, batch, extra in jobs:
+            twins = {}
+            if args.compare:   # what sample.py --compile and train.py --compile do, on copies
+                twins["sample"] = copy.deepcopy(model)
+                twins["sample"].compile_sampler()
+                twins["train"] = copy.deepcopy(model)
+                twins["train"].diffloss.net.compile()
+            jobs = [(bench_sample, b, (tok,), twins.get("sample")) for b in args.batch if "sample" in what]
+            jobs += [(bench_train, b, (), twins.get("train")) for b in args.train_batch if "train" in what]
+            for fn, batch, extra, twin in jobs:
                 reset_peak(device)
-                row = {"model": name, **fn(model, *extra, batch, args, device, dtype), **common}
-                row["peak_mem_gib"] = peak_gib(device)  # after the runs: the peak of the timed ones
-                print_row(row)
-                if args.out:
-                    out.write(json.dumps(row) + "\n")
-                    out.flush()
-            del model, tok   # free this model's weights (and optimizer state) before the next one
+                for row in fn(model, *extra, batch, args, device, dtype, twin):
+                    row = {"model": name, **common, **row}
+                    row["peak_mem_gib"] = peak_gib(device)  # after the runs: the peak of the timed ones
+                    print_row(row)
+                    if args.out:
+                        out.write(json.dumps(row) + "\n")
+                        out.flush()
+            del model, tok, twins   # free this model's weights (and optimizer state) before the next one
 
 
 if __name__ == "__main__":
