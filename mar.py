@@ -470,7 +470,10 @@ def _ar(width, depth, heads, dl_depth, dl_width, **kw):
 # name -> constructor kwargs; the prefix picks the class (mar_ -> MAR, ar_ -> AR). seq_len,
 # token_dim and num_classes default to KL-16 ImageNet-256 and are overridden by the caller.
 MODELS = {
-    "mar_tiny": _mar(128, 2, 4, 2, 256, buffer_size=8),      # CPU tests / toy data
+    # CPU tests / toy data. Mask ratio down to 0 (paper: 0.7, for 256 tokens): with 16 tokens, 0.7
+    # leaves at most 4 known in training, while one-token-per-step generation conditions on up to 15;
+    # on the built-in shapes this took the judge's accuracy from 65% to 77% (README "Results so far").
+    "mar_tiny": _mar(128, 2, 4, 2, 256, buffer_size=8, mask_ratio_min=0.0),
     "mar_small": _mar(384, 6, 6, 3, 512, buffer_size=16),    # small images on one GPU
     "mar_base": _mar(768, 12, 12, 6, 1024),                  # 207.9M, the released MAR-B
     "mar_large": _mar(1024, 16, 16, 8, 1280),                # 478.3M, MAR-L
