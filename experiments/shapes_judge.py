@@ -7,8 +7,8 @@ the accuracy (chance: 10%) says how often a sample shows the shape it was asked 
 behind the README's "Results so far", and test_all.py's learning test uses the same judge.
 
 It lives here, not in train.py or sample.py: the judge knows one data set (the built-in shapes) and
-exists to evaluate, so the core files neither import it nor grow for it (like fid.py, it only reads
-what sample.py generates).
+exists to evaluate, so the core files do not grow for it. It uses theirs (train.make_shapes,
+sample.generate); they never import it.
 
 Run (a few sampling settings of one checkpoint, no retraining):
   python experiments/shapes_judge.py --ckpt output/checkpoint-last.pth --cfg 1.0 3.0 --temperature 1.0 0.5 --num_iter 16 4
