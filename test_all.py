@@ -29,6 +29,7 @@ import sample
 import tokenizer as T
 import train
 from diffloss import DiffLoss
+from experiments import shapes_judge
 from mar import AR, MAR, CEHead, L2Head, build_model, cfg_scale, guess_model, load_checkpoint, mar_schedule, param_groups
 
 # One thread: the models under test are small, and on a 2-core machine torch's thread pool costs
@@ -361,10 +362,11 @@ def test_mask_rows_must_hide_same_count():
         model.forward_z(torch.randn(2, SEQ, DIM), mask, None)
 
 
-def test_training_mask_ratio_range():
-    model = tiny("mar_tiny", seq_len=256)
+@pytest.mark.parametrize("ratio_min", [0.7, 0.0])     # the paper's; the whole range (short sequences)
+def test_training_mask_ratio_range(ratio_min):
+    model = tiny("mar_tiny", seq_len=256, mask_ratio_min=ratio_min)
     counts = {int(model.random_mask(2, "cpu").sum(1)[0]) for _ in range(200)}
-    assert min(counts) >= math.ceil(0.7 * 256) and max(counts) <= 256 and len(counts) > 10
+    assert min(counts) >= max(1, math.ceil(ratio_min * 256)) and max(counts) <= 256 and len(counts) > 10
 
 
 @pytest.mark.parametrize("seq,K", [(256, 64), (256, 256), (256, 1), (16, 4), (10, 3), (7, 7)])
@@ -1302,41 +1304,15 @@ def test_sample_reads_train_checkpoint(full_run, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Learning: after a short CPU run, each class's samples are recognised as that class
 # ------------------------------------------------------------------------------------------------
-def shape_classifier(size):
-    """A small CNN trained on real built-in shapes (seed 0), checked on unseen ones (seed 1): the judge."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                              torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
-    x, y = train.make_shapes(300, size, seed=0)
-    x = x[:, None].float() / 127.5 - 1
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for i in range(400):
-        idx = torch.randint(len(x), (64,))
-        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    xt, yt = train.make_shapes(50, size, seed=1)
-    with torch.no_grad():
-        acc = (net(xt[:, None].float() / 127.5 - 1).argmax(1) == yt).float().mean().item()
-    return net, acc
-
-
 def test_learns_builtin_shapes(tmp_path):
-    judge, real_acc = shape_classifier(16)
+    judge, real_acc = shapes_judge.train_judge(16)       # experiments/shapes_judge.py, tested below
     assert real_acc > 0.95, f"the judge itself is unreliable: {real_acc:.2f} on unseen real shapes"
     train.main(LEARN + ["--output_dir", str(tmp_path)])
     npz = tmp_path / "gen.npz"
     sample.main(["--ckpt", str(tmp_path / "checkpoint-last.pth"), "--num_images", "200", "--batch_size", "200",
                  "--npz", str(npz), "--out", str(tmp_path / "gen.png")])
-    x = torch.from_numpy(np.load(npz)["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1   # (200, 1, 16, 16)
     y = torch.arange(10).repeat_interleave(20)                                            # class-major labels
-    with torch.no_grad():
-        pred = judge(x).argmax(1)
-    per_class = [(pred[y == c] == c).float().mean().item() for c in range(10)]
-    acc = (pred == y).float().mean().item()
+    acc, per_class = shapes_judge.accuracy(judge, np.load(npz)["arr_0"], y)               # (200, 16, 16, 1)
     # chance is 0.10; a model that ignored its label would score ~0.10 whatever its image quality
     assert acc > LEARN_MIN_ACC, f"accuracy {acc:.2f}, per class {per_class}"
     assert sum(a > 0.1 for a in per_class) >= 5, f"fewer than half the classes above chance: {per_class}"
@@ -1442,6 +1418,7 @@ def test_speed_benchmark_tiny_cpu(tmp_path):
     assert sample["s_per_image"] > sample["s_per_image_no_decode"] > 0
     assert train["images_per_s"] > 0 and train["diffusion_batch_mul"] == 4
     assert "sample" in proc.stdout and "train" in proc.stdout   # the printed table
+
 
 # ==============================================================================================
 # Issue 14: what a new user trips over -- unreadable checkpoints, impossible flags, first-minute
@@ -1898,3 +1875,29 @@ def test_compiled_sampler_equals_eager():
     assert torch.allclose(compiled, eager, atol=1e-4, rtol=0), (compiled - eager).abs().max()
     assert not torch.allclose(eager, model.sample_tokens(2, num_iter=3, cfg=2.5, generator=torch.Generator().manual_seed(1)))
     assert list(model.state_dict()) == list(tiny("mar_tiny", diffloss_w=32, diffloss_d=1).state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 15: the shapes judge (experiments/shapes_judge.py) that measures the demo's sample quality
+# ------------------------------------------------------------------------------------------------
+def test_shapes_judge_scores_real_and_mislabelled_shapes():
+    judge, real_acc = shapes_judge.train_judge(8)            # 8x8: the size of the tiny test runs
+    assert real_acc > 0.95, f"the judge itself is unreliable: {real_acc:.2f} on unseen real shapes"
+    x, y = train.make_shapes(10, 8, seed=2)                  # (100, 8, 8) uint8, classes interleaved
+    acc, per_class = shapes_judge.accuracy(judge, x[..., None].numpy(), y)   # (N, S, S, 1) as sample.py writes
+    assert acc > 0.9 and len(per_class) == 10
+    assert math.isclose(acc, sum(per_class) / 10, abs_tol=1e-6)   # balanced classes: the mean of the classes
+    wrong, wrong_per_class = shapes_judge.accuracy(judge, x, (y + 1) % 10)   # every label shifted by one class
+    assert wrong <= 1 - acc + 1e-6 and max(wrong_per_class) < 0.5
+
+
+def test_shapes_judge_cli_on_a_tiny_checkpoint(full_run, tmp_path, capsys):
+    shapes_judge.main(["--ckpt", str(full_run), "--cfg", "1.0", "2.0", "--temperature", "0.5", "--num_iter", "4",
+                       "--num_sampling_steps", "5", "--per_class", "2", "--grid", str(tmp_path / "g.png")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "accuracy" in line]
+    assert [line.split(":")[0] for line in lines] == ["cfg 1 temperature 0.5 num_iter 4", "cfg 2 temperature 0.5 num_iter 4"]
+    assert all(0 <= float(line.split("accuracy ")[1].split()[0]) <= 1 for line in lines)
+    from PIL import Image
+    assert Image.open(tmp_path / "g.png").size[1] > 10 * 8    # one row of 2 per class
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        shapes_judge.main(["--ckpt", str(tmp_path / "nope.pth")])

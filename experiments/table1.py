@@ -302,7 +302,8 @@ class Evaluator:
         out, t0 = [], time.time()
         for b, start in enumerate(range(0, n, self.args.batch)):
             g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + b)
-            out.append(generate(model, tokenizer, labels[start:start + self.args.batch], g, num_iter or SEQ_LEN, cfg))
+            out.append(generate(model, tokenizer, labels[start:start + self.args.batch], g, num_iter or SEQ_LEN, cfg,
+                                temperature=1.0))       # the protocol's, not sample.py's per-tokenizer default
         return torch.cat(out).numpy(), (time.time() - t0) / n
 
 
