@@ -83,7 +83,7 @@ def test_sampler_feeds_original_step_indices():
     head = DiffLoss(2, 3, depth=1, width=8)
     head.set_sampling_steps("25")  # respacing is a sampling-time choice
     seen = []
-    head.net.register_forward_hook(lambda mod, args, out: seen.append(int(args[1][0])))
+    head.net.time_embed.register_forward_hook(lambda mod, args, out: seen.append(int(args[0][0])))
     head.sample(torch.zeros(4, 3))
     assert seen == [round(Fraction(i * 999, 24)) for i in reversed(range(25))]
 
@@ -173,6 +173,18 @@ class OptimalNet(torch.nn.Module):
     def forward(self, x, t, c):
         eps = self.mixtures.optimal_eps(x, self.abar[t], c)
         return torch.cat([eps, torch.full_like(eps, self.v)], dim=-1)
+
+    # DiffLoss.sample embeds t and z apart and adds them, net.time_embed(t) + net.cond_embed(z), then
+    # calls net.forward_embedded: here the two "embeddings" fill disjoint columns, [t, 0, 0, 0] and
+    # [0, z], so forward_embedded gets both back exactly.
+    def time_embed(self, t):
+        return F.pad(t.float()[:, None], (0, 3))                       # (1, 4)
+
+    def cond_embed(self, c):
+        return F.pad(c, (1, 0))                                         # (N, 4)
+
+    def forward_embedded(self, x, y):
+        return self.forward(x, y[:, 0].long(), y[:, 1:])
 
 
 def test_sampler_draws_the_known_distribution_with_cfg_and_temperature():
