@@ -1696,9 +1696,9 @@ def test_resume_checkpoint_written_before_the_head_flags(full_run, tmp_path):
 def test_table1_end_to_end_tiny(tmp_path):
     """experiments/table1.py on a 100-image stand-in for Fashion-MNIST (28x28 shapes in idx files),
     N = 4: trains the CE run, fits the shared codebook, measures the floor, the tokenizers and one row
-    with its CFG sweep; a second call finds everything done. The feature network is a small stand-in
-    (the real Inception is tested above): with 2048-d features each FID costs two 2048 x 2048
-    eigendecompositions, minutes for this test on a busy 2-core machine."""
+    w/o CFG (--no_cfg), then its CFG sweep; a last call finds everything done. The feature network is a
+    small stand-in (the real Inception is tested above): with 2048-d features each FID costs two
+    2048 x 2048 eigendecompositions, minutes for this test on a busy 2-core machine."""
     class Features(nn.Module):   # uint8 (N, 1, 28, 28) -> (4x4 mean-pooled pixels (N, 16) @ w (16, 8), no logits)
         def __init__(self):
             super().__init__()
@@ -1721,6 +1721,10 @@ def test_table1_end_to_end_tiny(tmp_path):
             "--cfg_grid", "2,3", "--batch", "3", "--num_sampling_steps", "2", "--vq", "8", "--max_steps", "2"]
     with pytest.raises(FileNotFoundError, match="--inception"):     # the weights file is checked when needed
         table1.main(argv[:1] + ["floor"] + argv[2:])
+    table1.main(argv + ["--no_cfg"], inception=Features())       # the FIDs w/o CFG first, the sweep later
+    assert [(r["row"], r["kind"], r.get("cfg")) for r in map(json.loads, out.read_text().splitlines())] == \
+        [("floor", "floor", None), ("tokens", "tokens", None), ("tokens", "tokens", None), ("mar16_ce", "final", 1.0)]
+    assert "| MAR | random | bidirect | 1 | Diff Loss | not measured yet | - | 3.43, 1.84 |" in table.read_text()
     table1.main(argv, inception=Features())
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["row"], r["kind"]) for r in rows] == [("floor", "floor"), ("tokens", "tokens"), ("tokens", "tokens"),
@@ -1737,6 +1741,7 @@ def test_table1_end_to_end_tiny(tmp_path):
     ckpt = T.torch_load(str(runs / "t1_mar_tiny_ce" / "checkpoint-last.pth"))
     assert torch.equal(ckpt["tokenizer"]["codebook"], T.torch_load(str(runs / "t1_cache" / "codebook_k8.pth"))["codebook"])
     assert "| MAR | random | bidirect | >1 (16 steps) | CrossEnt (VQ) |" in table.read_text()
+    assert " | 8.79, 3.69 | " in table.read_text()                   # the paper's FIDs beside ours
     log = (runs / "t1_mar_tiny_ce.log").read_text()
     assert not (runs / "t1_mar_tiny_ce.lock").exists()                 # released after training
     table1.main(argv, inception=Features())                      # all done: nothing trained or measured again

@@ -1,5 +1,5 @@
 """
-experiments/table1.py -- the paper's Table 1 (Sec. 5.1, and App. D.2's L2 row) at CPU scale on
+experiments/table1.py -- the paper's Table 1 (Sec. 5.1, and the L2 row of App. D, 'L2 Loss vs. Diff Loss') at CPU scale on
 Fashion-MNIST: Diffusion Loss on continuous tokens vs cross-entropy on discrete (VQ) tokens, for AR
 raster, AR random order, MAR one token per step and MAR several tokens per step; plus a MAR with an
 L2 (MSE) head. Every training run is train.py; sampling is sample.py's `generate`; FID is fid.py.
@@ -8,6 +8,7 @@ Run (from the repository root; everything finished is kept in the JSONL and skip
   python experiments/table1.py --runs_dir runs                        # the whole table, hours on 2 cores
   python experiments/table1.py --rows mar16_diffusion,mar16_ce,floor  # some rows (ROWS below)
   python experiments/table1.py --train_only                           # only the 7 training runs
+  python experiments/table1.py --rows mar16_ce --no_cfg               # only the FID w/o CFG, for now
   python experiments/table1.py --table-only                           # Markdown from the JSONL
 Outputs: experiments/table1.jsonl (one JSON object per measurement), experiments/table1.md (the
 table, regenerated from the JSONL after every measurement), RUNS_DIR/t1_* (checkpoints, train logs),
@@ -107,6 +108,16 @@ ROWS = {
     "mar16_l2": ("mar_l2", 16, ("MAR", "random", "bidirect", ">1 (16 steps)", "L2 (MSE)")),
 }
 EXTRA_ROWS = ("floor", "tokens")
+# The paper's Table 1 (ImageNet 256, MAR-L / AR-L ~400M parameters, 400 epochs, VQ-16 tokens for CrossEnt,
+# KL-16 for Diff Loss): FID w/o CFG, w/ CFG. Its "AR random order" row is labelled "MAR, random, causal".
+# The L2 row is App. D of the paper (D.2 or D.3 by version): "a disastrous FID score (>100)", no other number.
+PAPER = {
+    "ar_raster_ce": ("19.58", "4.92"), "ar_raster_diffusion": ("19.23", "4.69"),
+    "ar_random_ce": ("16.22", "4.36"), "ar_random_diffusion": ("13.07", "4.07"),
+    "mar1_ce": ("8.75", "3.50"), "mar1_diffusion": ("3.43", "1.84"),
+    "mar16_ce": ("8.79", "3.69"), "mar16_diffusion": ("3.50", "1.98"),
+    "mar16_l2": (">100", "-"),
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,6 +366,8 @@ def evaluate_row(args, ev, row, ckpt_path, records):
         write_table(args, records)
 
     measure("final", 1.0, args.num_fid, "test")
+    if args.no_cfg:
+        return
     for cfg in args.cfg_grid:
         measure("sweep", cfg, args.num_sweep, "train")
     measure("final", best_cfg(args, records, row, train_steps=ckpt["step"]), args.num_fid, "test")
@@ -388,11 +401,13 @@ def fmt(x, digits=2):
 
 def write_table(args, records):
     lines = ["| variant | order | direction | tokens / step | loss | FID w/o CFG | FID w/ CFG (scale) | "
-             "s / image w/o, w/ CFG | params (head) | train time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "paper FID w/o, w/ CFG | s / image w/o, w/ CFG | params (head) | train time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, (run, num_iter, labels) in ROWS.items():
         finals = find(records, row=row, kind="final", n=args.num_fid, **setting(args))
         if not finals:
+            lines.append("| " + " | ".join(list(labels) + ["not measured yet", "-", ", ".join(PAPER[row])]
+                                           + ["-"] * 3) + " |")
             continue
         steps = finals[-1]["train_steps"]                 # the latest checkpoint measured
         finals = [r for r in reversed(finals) if r["train_steps"] == steps]    # latest first
@@ -403,6 +418,7 @@ def write_table(args, records):
         cells = list(labels) + [
             fmt(plain and plain["fid"]),
             "-" if guided is None else f"{guided['fid']:.2f} ({guided['cfg']:g}{', edge of grid' if edge else ''})",
+            ", ".join(PAPER[row]),
             f"{fmt(plain and plain['s_per_image'], 3)}, {fmt(guided and guided['s_per_image'], 3)}",
             f"{r['params'] / 1e6:.2f}M ({r['head_params'] / 1e6:.2f}M)",
             f"{r['train_time_s'] / 60:.0f} min ({r['train_steps']} steps)"]
@@ -411,7 +427,8 @@ def write_table(args, records):
     floor = find(records, row="floor", n=n)
     first = find(records, kind="final", n=n, **setting(args))
     notes = [f"FID of N = {n} samples vs the 10,000 test images; CFG scale chosen by FID of {args.num_sweep} "
-             "samples vs training images."]
+             "samples vs training images. Paper: ImageNet 256, AR/MAR-L, 400 epochs, VQ-16 (CrossEnt) and KL-16 "
+             "(Diff Loss) tokens, its Table 1 (L2: App. D, 'a disastrous FID score (>100)')."]
     if first:
         notes.append(f"Sampling: fp32, batch {first[0]['batch']}, {first[0]['threads']} thread(s), "
                      f"{first[0]['num_sampling_steps']} diffusion steps per token, torch {first[0]['torch']}.")
@@ -450,6 +467,8 @@ def get_args(argv=None):
     a("--table", default=os.path.join(ROOT, "experiments", "table1.md"), help="the Markdown table")
     a("--table-only", dest="table_only", action="store_true", help="only regenerate --table from --out")
     a("--train_only", action="store_true", help="only the training runs the selected rows need")
+    a("--no_cfg", action="store_true",
+      help="only the FIDs w/o CFG (the sweep and the guided FID come in a later call without this flag)")
     a("--inception", default=os.path.join(ROOT, "..", "shared", "weights", "inception_fid_no_fc.pth"),
       help="FID Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth or the fc-less file)")
     a("--data_path", default=None, help=f"Fashion-MNIST idx directory (default {tk.FASHION_MNIST_DIR})")
