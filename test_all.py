@@ -1732,6 +1732,8 @@ def test_table1_end_to_end_tiny(tmp_path):
                                                      ("mar16_ce", "sweep"), ("mar16_ce", "final")]
     pixel, vq = rows[1], rows[2]
     assert pixel["tokens"] == "pixel" and pixel["mse"] == 0 and pixel["psnr_db"] is None and vq["tokens"] == "vq8" and vq["mse"] > 0
+    ev = table1.Evaluator(table1.get_args(argv), Features())     # exact pixel tokens reuse the cached features
+    assert pixel["rfid"] == pytest.approx(ev.fid(table1.uint8_images(ev.test_set, ev.test_index()), "test"))
     final = rows[3]
     assert (final["cfg"], final["n"], final["ref"], final["num_iter"], final["tokens"]) == (1.0, 4, "test", 16, "vq8")
     assert final["train_steps"] == 2 and final["s_per_image"] > 0 and final["fid"] > 0

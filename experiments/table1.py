@@ -290,17 +290,20 @@ class Evaluator:
     def test_index(self):
         return balanced_subset(self.test_set.labels, min(self.args.num_fid, len(self.test_set)), self.args.seed)
 
+    def features(self, which):
+        """Inception features of "test" (all test images) or "train" (the class-balanced N training
+        images), computed once and cached."""
+        if which == "test":
+            return cached_features(self.args, f"test{len(self.test_set)}",
+                                   lambda: uint8_images(self.test_set, torch.arange(len(self.test_set))), self.inception)
+        idx = balanced_subset(self.train_set.labels, self.args.num_fid, self.args.seed)
+        return cached_features(self.args, f"train{self.args.num_fid}_seed{self.args.seed}",
+                               lambda: uint8_images(self.train_set, idx), self.inception)
+
     def ref(self, which):
-        """(mu, sigma) of "test" (all test images) or "train" (the class-balanced N training images)."""
+        """(mu, sigma) of self.features(which)."""
         if which not in self._refs:
-            if which == "test":
-                f = cached_features(self.args, f"test{len(self.test_set)}",
-                                    lambda: uint8_images(self.test_set, torch.arange(len(self.test_set))), self.inception)
-            else:
-                idx = balanced_subset(self.train_set.labels, self.args.num_fid, self.args.seed)
-                f = cached_features(self.args, f"train{self.args.num_fid}_seed{self.args.seed}",
-                                    lambda: uint8_images(self.train_set, idx), self.inception)
-            self._refs[which] = stats(f)
+            self._refs[which] = stats(self.features(which))
         return self._refs[which]
 
     def fid(self, images, which):
@@ -387,9 +390,12 @@ def evaluate_tokens(args, ev, records):
         if find(records, row="tokens", tokens=name, n=len(idx)):
             continue
         mse, psnr, _ = token_quality(tokenizer, all_test)
-        rec = token_quality(tokenizer, all_test[idx.numpy()])[2]
+        if mse == 0:        # an exact round trip: the reconstructions are the images, whose features are cached
+            rfid = fid.frechet_distance(*stats(ev.features("test")[idx.numpy()]), *ev.ref("test"))
+        else:
+            rfid = ev.fid(token_quality(tokenizer, all_test[idx.numpy()])[2], "test")
         records.append(append_record(args.out, dict(row="tokens", kind="tokens", tokens=name, n=len(idx), ref="test",
-                                                    mse=mse, psnr_db=psnr, rfid=ev.fid(rec, "test"))))
+                                                    mse=mse, psnr_db=psnr, rfid=rfid)))
 
 
 # ------------------------------------------------------------------------------------------------
