@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from fractions import Fraction
 
@@ -1750,6 +1751,39 @@ def test_table1_end_to_end_tiny(tmp_path):
     assert len(out.read_text().splitlines()) == len(rows) and (runs / "t1_mar_tiny_ce.log").read_text() == log
     with pytest.raises(ValueError, match="unknown --rows"):
         table1.main(argv[:1] + ["mar_ce"] + argv[2:])
+
+
+def test_table1_locks(tmp_path):
+    """table1.py processes share work through lock files: a lock of a running process is respected, one
+    of a dead process (or a pid never written, a minute on) is taken over; cached reference features
+    are computed once, a second process waits for the file instead of computing them again."""
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import table1
+    lock = str(tmp_path / "x.lock")
+    assert table1.take_lock(lock) and open(lock).read() == str(os.getpid())
+    assert not table1.take_lock(lock)                             # held by a running process (this one)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    open(lock, "w").write(dead.stdout.strip())
+    assert table1.take_lock(lock)                                 # its process is gone
+    open(lock, "w").write("")
+    assert not table1.take_lock(lock)                             # pid still being written
+    os.utime(lock, (time.time() - 120,) * 2)
+    assert table1.take_lock(lock)
+
+    args = argparse.Namespace(runs_dir=str(tmp_path), fid_batch=2)
+    path = tmp_path / "t1_cache" / "features_ref.npy"
+    path.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])   # "another process"
+    try:
+        open(str(path) + ".lock", "w").write(str(holder.pid))
+        feats = np.arange(6, dtype=np.float32).reshape(3, 2)
+        tmp = tmp_path / "done.npy"
+        np.save(tmp, feats)
+        threading.Timer(1.0, lambda: os.replace(tmp, path)).start()  # it finishes a second later
+        got = table1.cached_features(args, "ref", lambda: pytest.fail("computed twice"), None)
+        assert np.array_equal(got, feats)
+    finally:
+        holder.kill()
 
 
 # ==============================================================================================

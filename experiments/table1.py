@@ -10,6 +10,9 @@ Run (from the repository root; everything finished is kept in the JSONL and skip
   python experiments/table1.py --train_only                           # only the 7 training runs
   python experiments/table1.py --rows mar16_ce --no_cfg               # only the FID w/o CFG, for now
   python experiments/table1.py --table-only                           # Markdown from the JSONL
+On a small CPU, one process per core with one thread each is the fastest: e.g. two shells with
+OMP_NUM_THREADS=1 and different --rows; they share RUNS_DIR (a lock per training run and per cached
+feature set: one process computes, the other waits) and the JSONL (the table is rebuilt from the file).
 Outputs: experiments/table1.jsonl (one JSON object per measurement), experiments/table1.md (the
 table, regenerated from the JSONL after every measurement), RUNS_DIR/t1_* (checkpoints, train logs),
 RUNS_DIR/t1_cache (codebook, Inception features of the reference images).
@@ -210,14 +213,9 @@ def ensure_trained(args, name, n_train):
     log, lock = d + ".log", d + ".lock"
     print(f"table1: training {name}: train.py {' '.join(argv)} (log: {log})", flush=True)
     os.makedirs(args.runs_dir, exist_ok=True)
-    try:                                  # two table1.py processes must not train the same run
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        raise RuntimeError(f"{lock} exists: another table1.py (pid {open(lock).read().strip()}) is training "
-                           f"{name}; wait for it, or delete the lock if that process is gone") from None
+    if not take_lock(lock):               # two table1.py processes must not train the same run
+        raise RuntimeError(f"{lock} exists: another table1.py is training {name}; wait for it")
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
         with open(log, "a") as f:
             proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + argv, cwd=ROOT,
                                   stdout=f, stderr=subprocess.STDOUT)
@@ -256,16 +254,51 @@ def uint8_images(dataset, index):
     return dataset.images[index].numpy()                               # (n, 28, 28, 1) uint8
 
 
+def take_lock(lock):
+    """Create the lock file holding our pid; False if a running process holds it. The lock of a process
+    that died (killed, machine restarted) is taken over."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        except FileExistsError:
+            pass
+        try:
+            text = open(lock).read()
+            if not text and time.time() - os.path.getmtime(lock) < 60:
+                return False                             # its pid is being written
+            if text:
+                os.kill(int(text), 0)
+                return False                             # its process runs
+        except FileNotFoundError:                        # released meanwhile: try again
+            continue
+        except ProcessLookupError:
+            pass
+        try:
+            os.remove(lock)                              # its process is gone
+        except FileNotFoundError:
+            pass
+
+
 def cached_features(args, name, make_images, inception):
-    """Inception pool features (n, 2048) float32 of a reference image set, cached as .npy."""
+    """Inception pool features (n, 2048) float32 of a reference image set, cached as .npy. Several
+    table1.py processes (one thread each is the fastest use of a small CPU) may need the same set at
+    once: the first computes it under a lock file, the others wait for the file."""
     path = os.path.join(args.runs_dir, "t1_cache", f"features_{name}.npy")
-    if os.path.exists(path):
-        return np.load(path)
-    feats = fid.extract_features(inception(), make_images(), args.fid_batch)[0].astype(np.float32)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path + ".tmp.npy", feats)
-    os.replace(path + ".tmp.npy", path)
-    return feats
+    while not os.path.exists(path):
+        if not take_lock(path + ".lock"):
+            time.sleep(5)
+            continue
+        try:
+            feats = fid.extract_features(inception(), make_images(), args.fid_batch)[0].astype(np.float32)
+            np.save(path + ".tmp.npy", feats)
+            os.replace(path + ".tmp.npy", path)
+        finally:
+            os.remove(path + ".lock")
+    return np.load(path)
 
 
 def stats(features):
@@ -366,7 +399,7 @@ def evaluate_row(args, ev, row, ckpt_path, records):
         images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg)
         records.append(append_record(args.out, dict(common, kind=kind, cfg=cfg, n=n, ref=ref,
                                                     fid=ev.fid(images, ref), s_per_image=round(s_per_image, 4))))
-        write_table(args, records)
+        write_table(args)
 
     measure("final", 1.0, args.num_fid, "test")
     if args.no_cfg:
@@ -405,7 +438,9 @@ def fmt(x, digits=2):
     return "-" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
-def write_table(args, records):
+def write_table(args):
+    """experiments/table1.md from the JSONL as it is on disk (other table1.py processes may have added rows)."""
+    records = read_records(args.out)
     lines = ["| variant | order | direction | tokens / step | loss | FID w/o CFG | FID w/ CFG (scale) | "
              "paper FID w/o, w/ CFG | s / image w/o, w/ CFG | params (head) | train time |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -505,7 +540,7 @@ def main(argv=None, inception=None):
     args = get_args(argv)
     records = read_records(args.out)
     if args.table_only:
-        write_table(args, records)
+        write_table(args)
         print(open(args.table).read())
         return
     ev = Evaluator(args, inception)
@@ -522,7 +557,7 @@ def main(argv=None, inception=None):
     for row in args.rows:
         if row in ROWS:
             evaluate_row(args, ev, row, ckpts[ROWS[row][0]], records)
-    write_table(args, records)
+    write_table(args)
     print(open(args.table).read())
 
 
