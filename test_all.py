@@ -1680,9 +1680,23 @@ def test_ce_and_l2_train_save_and_sample(tmp_path):
     assert out.returncode != 0 and "add --vq K" in out.stderr
 
 
+def test_diffloss_width_flag(tmp_path):
+    """train.py --diffloss_w sets the head MLP's width (Table 4's ablation): stored in the model config, so
+    the checkpoint rebuilds at that width; resuming at another width or a width < 1 is refused."""
+    run_script(TRAIN_TINY + ["--max_steps", "2", "--diffloss_w", "24", "--output_dir", str(tmp_path)])
+    ckpt = tmp_path / "checkpoint-last.pth"
+    model, c = load_checkpoint(str(ckpt))
+    assert c["config"]["diffloss_w"] == 24 and model.diffloss.net.input_proj.out_features == 24
+    out = run_script(TRAIN_TINY + ["--max_steps", "3", "--diffloss_w", "32", "--output_dir", str(tmp_path),
+                                   "--resume", str(ckpt)], check=False)
+    assert out.returncode != 0 and "diffloss_w: checkpoint 24 vs now 32" in out.stderr
+    out = run_script(TRAIN_TINY + ["--diffloss_w", "0", "--output_dir", str(tmp_path / "x")], check=False)
+    assert out.returncode != 0 and "--diffloss_w must be >= 1" in out.stderr
+
+
 def test_resume_checkpoint_written_before_the_head_flags(full_run, tmp_path):
     ckpt = T.torch_load(str(full_run))
-    for key in ("head", "vq", "codebook", "order"):
+    for key in ("head", "vq", "codebook", "order", "diffloss_w"):
         del ckpt["args"][key]
     ckpt["step"] = 6                                       # as if the older run had stopped early
     old = tmp_path / "checkpoint-last.pth"
@@ -1954,3 +1968,115 @@ def test_shapes_judge_cli_on_a_tiny_checkpoint(full_run, tmp_path, capsys):
     assert Image.open(tmp_path / "g.png").size[1] > 10 * 8    # one row of 2 per class
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         shapes_judge.main(["--ckpt", str(tmp_path / "nope.pth")])
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 13: ablations on Fashion-MNIST (experiments/ablations.py)
+# ------------------------------------------------------------------------------------------------
+def test_ablations_end_to_end_tiny(tmp_path, monkeypatch):
+    """experiments/ablations.py on test_table1_end_to_end_tiny's stand-ins (28x28 shapes in idx files, a
+    small feature network), N = 4: table1.py first measures its MAR Diffusion Loss row (so it has chosen
+    a CFG scale) and the tokenizers; then every sweep at two settings (the mlp sweep: Table 1's run and a
+    width-24 head trained with train.py --diffloss_w). Each distinct point is measured once, with
+    the settings its record states reaching the sampler; a second call measures nothing; --plots-only
+    rebuilds the same report."""
+    class Features(nn.Module):   # uint8 (N, 1, 28, 28) -> (4x4 mean-pooled pixels (N, 16) @ w (16, 8), no logits)
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):
+            return F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.w, None
+
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import shlex
+    import ablations
+    import table1
+    from PIL import Image
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    for split, per_class in (("train", 10), ("t10k", 2)):
+        images, labels = train.make_shapes(per_class, 28, seed=len(split))
+        write_idx(str(data / f"{split}-images-idx3-ubyte"), images.numpy())
+        write_idx(str(data / f"{split}-labels-idx1-ubyte"), labels.numpy())
+    runs, t1_out, out, md, plots = (tmp_path / name for name in ("runs", "t1.jsonl", "a.jsonl", "a.md", "plots"))
+    t1_flags = ["--data_path", str(data), "--inception", str(tmp_path / "no_such_file.pth"), "--num_fid", "8",
+                "--num_sweep", "4", "--cfg_grid", "2,3", "--num_sampling_steps", "2", "--vq", "8"]
+    shared = ["--runs_dir", str(runs), "--batch", "4", "--max_steps", "2"]
+    table1.main(["--rows", "mar16_diffusion,tokens", "--out", str(t1_out), "--table", str(tmp_path / "t1.md")]
+                + t1_flags + shared, inception=Features())
+    t1_records = table1.read_records(str(t1_out))
+    w = table1.best_cfg(table1.get_args(t1_flags), t1_records, "mar16_diffusion")
+    assert w in (2.0, 3.0)
+
+    seen, real = [], table1.generate                 # what the sampler receives
+    def spy(model, tokenizer, labels, g, num_iter, cfg, cfg_schedule, temperature):
+        seen.append((model.diffloss.net.input_proj.out_features, model.diffloss.num_sampling_steps,
+                     num_iter if isinstance(model, MAR) else 49, temperature, cfg, cfg_schedule))
+        return real(model, tokenizer, labels, g, num_iter, cfg, cfg_schedule, temperature)
+    monkeypatch.setattr(table1, "generate", spy)
+    argv = ["--out", str(out), "--table", str(md), "--plots_dir", str(plots), "--table1", str(t1_out),
+            "--table1_args", shlex.join(t1_flags), "--num", "4", "--steps_grid", "2,3", "--temperature_grid", "0.5,1",
+            "--cfg_grid", "2", "--widths", "256,24", "--num_iter_grid", "4,16"] + shared
+    ablations.main(argv, inception=Features())
+    floor, *points = table1.read_records(str(out))
+    keys = ("run", "diffloss_w", "num_sampling_steps", "num_iter", "temperature", "cfg", "cfg_schedule")
+    settings = lambda r: tuple(r[k] for k in keys)
+    M = "mar_diffusion"
+    expected = ({(M, 256, s, 16, 1.0, c, "linear") for s in (2, 3) for c in (1.0, w)}                 # steps
+                | {(M, 256, 2, 16, t, c, "linear") for t in (0.5, 1.0) for c in (1.0, w)}            # temperature
+                | {(M, 256, 2, 16, 1.0, c, s) for c in (1.0, 2.0) for s in ("linear", "constant")
+                   if c != 1 or s == "linear"}                                                        # cfg
+                | {(M, d, 2, 16, 1.0, c, "linear") for d in (256, 24) for c in (1.0, w)}             # mlp
+                | {(M, 256, 2, k, 1.0, w, "linear") for k in (4, 16)}                                 # speed
+                | {("ar_diffusion", 256, 2, 49, 1.0, 3.0, "linear")})
+    assert sorted(map(settings, points)) == sorted(expected)                   # each distinct point once
+    assert seen == [settings(r)[1:] for r in points]                           # ... sampled with its settings
+    # (after 2 training steps the model hardly uses its class yet: CFG changes no sample, and FIDs cannot show it)
+    assert all((r["kind"], r["n"], r["seed"], r["train_steps"], r["batch"], r["threads"], r["ref"])
+               == ("point", 4, 0, 2, 4, torch.get_num_threads(), "test") and r["s_per_image"] > 0 for r in points)
+    fids = {settings(r): r["fid"] for r in points}
+    assert fids[M, 256, 2, 16, 0.5, 1.0, "linear"] != fids[M, 256, 2, 16, 1.0, 1.0, "linear"]       # temperature
+    assert fids[M, 256, 3, 16, 1.0, 1.0, "linear"] != fids[M, 256, 2, 16, 1.0, 1.0, "linear"]       # diffusion steps
+    heads = {r["diffloss_w"]: r["head_params"] for r in points if r["run"] == M}
+    assert heads[24] < heads[256]                                            # the narrow head was trained
+    assert T.torch_load(str(runs / "t1_mar_tiny_diffusion_w24" / "checkpoint-last.pth"))["args"]["diffloss_w"] == 24
+    source = {settings(r): r["cfg_source"] for r in points}
+    assert source[M, 256, 3, 16, 1.0, w, "linear"] == "table1 mar16_diffusion"
+    assert source[M, 256, 3, 16, 1.0, 1.0, "linear"] is None
+    assert source[M, 256, 2, 16, 1.0, 2.0, "constant"] == "--cfg_grid"
+    assert source["ar_diffusion", 256, 2, 49, 1.0, 3.0, "linear"] == "--cfg"    # Table 1 has no AR row here: --cfg
+    # the floor: N class-balanced training images, the first N of Table 1's reference subset
+    ev = table1.Evaluator(table1.get_args(t1_flags + shared), Features())
+    labels = ev.train_set.labels
+    assert torch.equal(table1.balanced_subset(labels, 4, 0), table1.balanced_subset(labels, 8, 0)[:4])
+    train4 = table1.uint8_images(ev.train_set, table1.balanced_subset(labels, 4, 0))
+    assert (floor["kind"], floor["n"]) == ("floor", 4)
+    assert floor["fid"] == pytest.approx(ev.fid(train4, "test"), rel=1e-5)
+    # the report: every study, a plot of each measured one, Table 1's numbers in the tokenizer table
+    report = md.read_text()
+    titles = ["Diffusion sampling steps", "Temperature", "CFG scale", "Denoising MLP", "Speed / quality", "Tokenizers"]
+    for i, title in enumerate(titles):
+        assert f"## {i + 1}. {title}" in report
+    for sweep in ("steps", "temperature", "cfg", "mlp", "speed"):
+        assert f"(plots/ablation_{sweep}.png)" in report
+        assert Image.open(plots / f"ablation_{sweep}.png").size == (760, 500)
+    plain = next(r for r in t1_records if r["row"] == "mar16_diffusion" and r["kind"] == "final" and r["cfg"] == 1.0)
+    vq = next(r for r in t1_records if r.get("tokens") == "vq8")
+    pixel_row, vq_row = [line for line in report.splitlines() if line.startswith(("| pixel patches", "| VQ-8 codes"))]
+    assert "| exact |" in pixel_row and f"| {plain['fid']:.2f} |" in pixel_row
+    assert f"| {vq['rfid']:.2f} | - | - |" in vq_row                            # CE row not measured in Table 1
+    # all done: nothing trained or measured again; --plots-only rebuilds the same files from the JSONL
+    log, pngs = (runs / "t1_ar_tiny_diffusion.log").read_text(), {p.name: p.read_bytes() for p in plots.iterdir()}
+    ablations.main(argv, inception=Features())
+    assert len(table1.read_records(str(out))) == 1 + len(points) and len(seen) == len(points)
+    assert (runs / "t1_ar_tiny_diffusion.log").read_text() == log
+    md.unlink()
+    for p in plots.iterdir():
+        p.unlink()
+    ablations.main(argv + ["--plots-only"])
+    assert md.read_text() == report and {p.name: p.read_bytes() for p in plots.iterdir()} == pngs
+    with pytest.raises(ValueError, match="unknown --sweeps"):
+        ablations.main(argv + ["--sweeps", "steps,fig9"])
+    with pytest.raises(ValueError, match="--num must be in 2..8"):
+        ablations.main(argv + ["--num", "9"])

@@ -258,7 +258,8 @@ def update_ema(ema, model, decay, step):
 # ------------------------------------------------------------------------------------------------
 # Arguments that change the numbers: resuming with a different value would silently start another run.
 MUST_MATCH = ("model", "data", "image_size", "patch_size", "hflip", "seed", "batch_size", "shards", "blr",
-              "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay", "head", "vq", "order")
+              "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay", "head", "vq", "order",
+              "diffloss_w")
 
 
 def save_checkpoint(path, state):
@@ -334,6 +335,8 @@ def build_parser():
     a("--head", default="diffusion", choices=mar.HEADS,
       help="per-token loss: diffusion (the paper), ce (cross-entropy over the --vq codes), l2 (MSE, App. D.2)")
     a("--order", default=None, choices=("raster", "random"), help="ar_* models: generation order (default raster)")
+    a("--diffloss_w", type=int, default=None,
+      help="width of the per-token head's MLP (default: the model's in mar.MODELS; the paper's Table 4 varies it)")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True,
       help="random horizontal flips (the paper's augmentation); --no-hflip for digits or text")
     a("--batch_size", type=int, default=64, help="images per process per micro-step")
@@ -361,8 +364,8 @@ def build_parser():
 
 def get_args(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "accum_iter", "log_every", "ckpt_every"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "accum_iter", "log_every", "ckpt_every", "diffloss_w"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not args.epochs > 0:        # also NaN; a run of 0 epochs would still train one step
         raise ValueError(f"--epochs must be > 0, got {args.epochs} (fractions work: --epochs 0.5)")
@@ -418,6 +421,8 @@ def train(args, rank, world, device):
         extra["num_codes"] = tokenizer.num_codes
     if args.order is not None:
         extra["order"] = args.order
+    if args.diffloss_w is not None:
+        extra["diffloss_w"] = args.diffloss_w
     model = mar.build_model(args.model, seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim,
                             num_classes=dataset.num_classes, **extra)
     if args.head == "ce":                        # the head samples codes: it holds the tokenizer's codebook

@@ -152,20 +152,20 @@ def best_cfg(args, records, row, **key):
     return min(args.cfg_grid, key=lambda c: sweep[c])
 
 
-def append_record(path, record):
+def append_record(path, record, who="table1"):
     record = dict(record, time=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-    print("table1:", json.dumps(record), flush=True)
+    print(f"{who}:", json.dumps(record), flush=True)
     return record
 
 
 # ------------------------------------------------------------------------------------------------
 # Training: train.py in a subprocess, reusing / resuming what RUNS_DIR holds
 # ------------------------------------------------------------------------------------------------
-def run_dir(args, name):
+def run_dir(args, name, suffix=""):
     model, order, head = RUNS[name]
-    return os.path.join(args.runs_dir, f"t1_{model}{'_random' if order == 'random' else ''}_{head}")
+    return os.path.join(args.runs_dir, f"t1_{model}{'_random' if order == 'random' else ''}_{head}{suffix}")
 
 
 def codebook_path(args):
@@ -188,11 +188,12 @@ def total_steps(train_args, n_train):
     return min(total, train_args.max_steps) if train_args.max_steps else total
 
 
-def ensure_trained(args, name, n_train):
-    """Train (or resume) run `name` until its checkpoint holds the last step; returns the checkpoint."""
-    d = run_dir(args, name)
+def ensure_trained(args, name, n_train, extra=(), suffix=""):
+    """Train (or resume) run `name` until its checkpoint holds the last step; returns the checkpoint.
+    extra: more train.py arguments (the ablations' variants of a run), trained in run_dir + suffix."""
+    d = run_dir(args, name, suffix)
     ckpt_path = os.path.join(d, "checkpoint-last.pth")
-    argv = train_argv(args, name) + LOGGING + ["--output_dir", d]
+    argv = train_argv(args, name) + list(extra) + LOGGING + ["--output_dir", d]
     want = train.get_args(argv)
     if os.path.exists(ckpt_path):
         ckpt = tk.torch_load(ckpt_path)
@@ -343,14 +344,15 @@ class Evaluator:
         feats = fid.extract_features(self.inception(), images, self.args.fid_batch)[0]
         return fid.frechet_distance(*stats(feats), *self.ref(which))
 
-    def sample(self, model, tokenizer, n, num_iter, cfg):
-        """n class-balanced samples -> (uint8 (n, 28, 28, 1), seconds per image of the generation)."""
+    def sample(self, model, tokenizer, n, num_iter, cfg, cfg_schedule="linear", temperature=1.0):
+        """n class-balanced samples -> (uint8 (n, 28, 28, 1), seconds per image of the generation).
+        The protocol's temperature is 1.0 (not sample.py's per-tokenizer default); the ablations vary it."""
         labels = torch.arange(n) % model.num_classes
         out, t0 = [], time.time()
         for b, start in enumerate(range(0, n, self.args.batch)):
             g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + b)
             out.append(generate(model, tokenizer, labels[start:start + self.args.batch], g, num_iter or SEQ_LEN, cfg,
-                                temperature=1.0))       # the protocol's, not sample.py's per-tokenizer default
+                                cfg_schedule, temperature))
         return torch.cat(out).numpy(), (time.time() - t0) / n
 
 
