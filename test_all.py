@@ -1740,8 +1740,19 @@ def test_table1_end_to_end_tiny(tmp_path):
     assert [(r["row"], r["kind"], r.get("cfg")) for r in map(json.loads, out.read_text().splitlines())] == \
         [("floor", "floor", None), ("tokens", "tokens", None), ("tokens", "tokens", None), ("mar16_ce", "final", 1.0)]
     assert "| MAR | random | bidirect | 1 | Diff Loss | not measured yet | - | 3.43, 1.84 |" in table.read_text()
+    # a process beside this one measures the CFG-2 sweep point: it is skipped, so the FID w/ CFG waits too
+    lock = table1.measurement_lock(table1.get_args(argv), row="mar16_ce", kind="sweep", cfg=2.0, n=2, train_steps=2,
+                                   seed=0, num_sampling_steps=2)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    open(lock, "w").write(str(holder.pid))
     table1.main(argv, inception=Features())
+    assert [(r["kind"], r.get("cfg")) for r in map(json.loads, out.read_text().splitlines())][4:] == [("sweep", 3.0)]
+    holder.kill()
+    holder.wait()                                                # it died: its lock is taken over
+    table1.main(argv, inception=Features())
+    assert not os.path.exists(lock)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows[4:7] = [rows[5], rows[4], rows[6]]                      # sweep points in grid order (2, 3), then the final
     assert [(r["row"], r["kind"]) for r in rows] == [("floor", "floor"), ("tokens", "tokens"), ("tokens", "tokens"),
                                                      ("mar16_ce", "final"), ("mar16_ce", "sweep"),
                                                      ("mar16_ce", "sweep"), ("mar16_ce", "final")]

@@ -10,9 +10,10 @@ Run (from the repository root; everything finished is kept in the JSONL and skip
   python experiments/table1.py --train_only                           # only the 7 training runs
   python experiments/table1.py --rows mar16_ce --no_cfg               # only the FID w/o CFG, for now
   python experiments/table1.py --table-only                           # Markdown from the JSONL
-On a small CPU, one process per core with one thread each is the fastest: e.g. two shells with
-OMP_NUM_THREADS=1 and different --rows; they share RUNS_DIR (a lock per training run and per cached
-feature set: one process computes, the other waits) and the JSONL (the table is rebuilt from the file).
+On a small CPU, one process per core with one thread each is the fastest: e.g. the same command in
+two shells with OMP_NUM_THREADS=1. They share the work through lock files in RUNS_DIR: a training run,
+a cached feature set (one process computes it, the other waits) and each measurement (a process skips
+what another is measuring and takes the next one), and the JSONL (the table is rebuilt from the file).
 Outputs: experiments/table1.jsonl (one JSON object per measurement), experiments/table1.md (the
 table, regenerated from the JSONL after every measurement), RUNS_DIR/t1_* (checkpoints, train logs),
 RUNS_DIR/t1_cache (codebook, Inception features of the reference images).
@@ -62,6 +63,7 @@ unfinished one is resumed, unless its log changed in the last 10 minutes (it is 
 running: wait for it).
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -381,7 +383,31 @@ def token_quality(tokenizer, images):
 # ------------------------------------------------------------------------------------------------
 # Rows
 # ------------------------------------------------------------------------------------------------
-def evaluate_row(args, ev, row, ckpt_path, records):
+def measurement_lock(args, **key):
+    return os.path.join(args.runs_dir, "t1_cache", "measuring",
+                        "_".join(f"{k}-{v}" for k, v in sorted(key.items())) + ".lock")
+
+
+@contextlib.contextmanager
+def claim(args, **key):
+    """Yields whether this process takes the measurement `key`: not if the JSONL has it, nor while another
+    table1.py process measures it (a lock file per measurement). So processes started side by side with
+    the same --rows share the work: each takes the next measurement nobody has taken."""
+    lock = measurement_lock(args, **key)
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    if find(read_records(args.out), **key):
+        yield False
+    elif not take_lock(lock):
+        print(f"table1: {os.path.basename(lock)[:-5]}: another process is measuring it, skipped", flush=True)
+        yield False
+    else:
+        try:
+            yield not find(read_records(args.out), **key)     # (it may have finished just before we locked)
+        finally:
+            os.remove(lock)
+
+
+def evaluate_row(args, ev, row, ckpt_path):
     run, num_iter, _ = ROWS[row]
     model, ckpt = mar.load_checkpoint(ckpt_path)
     model.diffloss.set_sampling_steps(args.num_sampling_steps)
@@ -396,41 +422,47 @@ def evaluate_row(args, ev, row, ckpt_path, records):
                   tokens=f"vq{tokenizer.num_codes}" if isinstance(tokenizer, tk.VQTokenizer) else "pixel")
 
     def measure(kind, cfg, n, ref):       # a checkpoint trained further (other train_steps) is measured again
-        if find(records, row=row, kind=kind, cfg=cfg, n=n, train_steps=ckpt["step"], **setting(args)):
-            return
-        images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg)
-        records.append(append_record(args.out, dict(common, kind=kind, cfg=cfg, n=n, ref=ref,
-                                                    fid=ev.fid(images, ref), s_per_image=round(s_per_image, 4))))
-        write_table(args)
+        with claim(args, row=row, kind=kind, cfg=cfg, n=n, train_steps=ckpt["step"], **setting(args)) as mine:
+            if mine:
+                images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg)
+                append_record(args.out, dict(common, kind=kind, cfg=cfg, n=n, ref=ref, fid=ev.fid(images, ref),
+                                             s_per_image=round(s_per_image, 4)))
+                write_table(args)
 
     measure("final", 1.0, args.num_fid, "test")
     if args.no_cfg:
         return
     for cfg in args.cfg_grid:
         measure("sweep", cfg, args.num_sweep, "train")
-    measure("final", best_cfg(args, records, row, train_steps=ckpt["step"]), args.num_fid, "test")
-
-
-def evaluate_floor(args, ev, records):
-    if find(records, row="floor", n=args.num_fid):
+    best = best_cfg(args, read_records(args.out), row, train_steps=ckpt["step"])
+    if best is None:
+        print(f"table1: {row}: the CFG sweep is still being measured by another process; that process (or a "
+              f"later call) measures the FID w/ CFG", flush=True)
         return
-    records.append(append_record(args.out, dict(row="floor", kind="floor", n=args.num_fid, ref="test",
-                                                fid=fid.frechet_distance(*ev.ref("train"), *ev.ref("test")))))
+    measure("final", best, args.num_fid, "test")
 
 
-def evaluate_tokens(args, ev, records):
+def evaluate_floor(args, ev):
+    with claim(args, row="floor", n=args.num_fid) as mine:
+        if mine:
+            append_record(args.out, dict(row="floor", kind="floor", n=args.num_fid, ref="test",
+                                         fid=fid.frechet_distance(*ev.ref("train"), *ev.ref("test"))))
+
+
+def evaluate_tokens(args, ev):
     idx = ev.test_index()
     all_test = uint8_images(ev.test_set, torch.arange(len(ev.test_set)))
     for name, tokenizer in (("pixel", tk.PixelTokenizer(28, 1, 4)), (f"vq{args.vq}", vq_tokenizer(args, ev.train_set))):
-        if find(records, row="tokens", tokens=name, n=len(idx)):
-            continue
-        mse, psnr, _ = token_quality(tokenizer, all_test)
-        if mse == 0:        # an exact round trip: the reconstructions are the images, whose features are cached
-            rfid = fid.frechet_distance(*stats(ev.features("test")[idx.numpy()]), *ev.ref("test"))
-        else:
-            rfid = ev.fid(token_quality(tokenizer, all_test[idx.numpy()])[2], "test")
-        records.append(append_record(args.out, dict(row="tokens", kind="tokens", tokens=name, n=len(idx), ref="test",
-                                                    mse=mse, psnr_db=psnr, rfid=rfid)))
+        with claim(args, row="tokens", tokens=name, n=len(idx)) as mine:
+            if not mine:
+                continue
+            mse, psnr, _ = token_quality(tokenizer, all_test)
+            if mse == 0:    # an exact round trip: the reconstructions are the images, whose features are cached
+                rfid = fid.frechet_distance(*stats(ev.features("test")[idx.numpy()]), *ev.ref("test"))
+            else:
+                rfid = ev.fid(token_quality(tokenizer, all_test[idx.numpy()])[2], "test")
+            append_record(args.out, dict(row="tokens", kind="tokens", tokens=name, n=len(idx), ref="test",
+                                         mse=mse, psnr_db=psnr, rfid=rfid))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -540,7 +572,6 @@ def main(argv=None, inception=None):
     """inception: an already built feature network (model(uint8 (N, C, H, W)) -> (features, logits)) to
     use instead of loading --inception; the tests pass a small stand-in."""
     args = get_args(argv)
-    records = read_records(args.out)
     if args.table_only:
         write_table(args)
         print(open(args.table).read())
@@ -553,12 +584,12 @@ def main(argv=None, inception=None):
     if args.train_only:
         return
     if "floor" in args.rows:
-        evaluate_floor(args, ev, records)
+        evaluate_floor(args, ev)
     if "tokens" in args.rows:
-        evaluate_tokens(args, ev, records)
+        evaluate_tokens(args, ev)
     for row in args.rows:
         if row in ROWS:
-            evaluate_row(args, ev, row, ckpts[ROWS[row][0]], records)
+            evaluate_row(args, ev, row, ckpts[ROWS[row][0]])
     write_table(args)
     print(open(args.table).read())
 
