@@ -1781,7 +1781,8 @@ def test_table1_end_to_end_tiny(tmp_path):
 def test_table1_locks(tmp_path):
     """table1.py processes share work through lock files: a lock of a running process is respected, one
     of a dead process (or a pid never written, a minute on) is taken over; cached reference features
-    are computed once, a second process waits for the file instead of computing them again."""
+    are computed once, a second process waits for the file instead of computing them again; a run
+    another process trains is left to it."""
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import table1
     lock = str(tmp_path / "x.lock")
@@ -1807,6 +1808,9 @@ def test_table1_locks(tmp_path):
         threading.Timer(1.0, lambda: os.replace(tmp, path)).start()  # it finishes a second later
         got = table1.cached_features(args, "ref", lambda: pytest.fail("computed twice"), None)
         assert np.array_equal(got, feats)
+        t1 = table1.get_args(["--runs_dir", str(tmp_path)])             # a run another process trains: not now
+        open(table1.run_dir(t1, "mar_ce") + ".lock", "w").write(str(holder.pid))
+        assert table1.ensure_trained(t1, "mar_ce", 100) is None and not os.path.exists(table1.run_dir(t1, "mar_ce"))
     finally:
         holder.kill()
 

@@ -142,11 +142,14 @@ def on_curve(record, curve):
 # ------------------------------------------------------------------------------------------------
 # Training runs (Table 1's, and its run with other head widths)
 # ------------------------------------------------------------------------------------------------
-def load_run(t1, run, width, n_train):
-    """Train (or reuse) the run -> (model, tokenizer, what the records say about it). A width other than
-    the default is Table 1's run with train.py --diffloss_w, in its own directory."""
-    extra = () if width == DEFAULT_W else ("--diffloss_w", str(width))
-    path = table1.ensure_trained(t1, run, n_train, extra, suffix=f"_w{width}" if extra else "")
+def training_spec(run, width):
+    """table1.ensure_trained's (name, extra, suffix) of a run at a head width: another width than the
+    default is Table 1's run with train.py --diffloss_w, in its own directory."""
+    return (run, (), "") if width == DEFAULT_W else (run, ("--diffloss_w", str(width)), f"_w{width}")
+
+
+def load_run(path):
+    """-> (model, tokenizer, what the records say about the run)."""
     model, ckpt = mar.load_checkpoint(path)
     info = dict(train_steps=ckpt["step"], train_time_s=table1.training_time(os.path.dirname(path)),
                 params=sum(p.numel() for p in model.parameters()),
@@ -154,31 +157,33 @@ def load_run(t1, run, width, n_train):
     return model, tk.build_tokenizer(ckpt["tokenizer"]), info
 
 
-def measure_floor(args, t1, ev, records):
-    if table1.find(records, kind="floor", n=args.num, seed=t1.seed):
-        return
-    train_feats = ev.features("train")[:args.num]          # balanced_subset is prefix-consistent (header)
-    records.append(table1.append_record(args.out, dict(
-        kind="floor", n=args.num, seed=t1.seed, ref="test",
-        fid=fid.frechet_distance(*table1.stats(train_feats), *ev.ref("test"))), who="ablations"))
+def measure_floor(args, t1, ev):
+    with table1.claim(args, kind="floor", n=args.num, seed=t1.seed) as mine:
+        if mine:
+            train_feats = ev.features("train")[:args.num]      # balanced_subset is prefix-consistent (header)
+            table1.append_record(args.out, dict(kind="floor", n=args.num, seed=t1.seed, ref="test",
+                                                fid=fid.frechet_distance(*table1.stats(train_feats), *ev.ref("test"))),
+                                 who="ablations")
 
 
-def measure(args, t1, ev, records, runs, sweep, t1_records):
+def measure(args, t1, ev, runs, sweep, t1_records):
+    """Every point of the sweep that the JSONL lacks and no other process is measuring (table1.claim)."""
     for curve in curves(args, t1, t1_records, sweep):
         for x in curve["grid"]:
             p = point(curve, x)
             model, tokenizer, info = runs[p["run"], p["diffloss_w"]]
             key = dict(p, n=args.num, seed=t1.seed, train_steps=info["train_steps"])
-            if table1.find(records, kind="point", **key):
-                continue
-            model.diffloss.set_sampling_steps(p["num_sampling_steps"])
-            images, s_per_image = ev.sample(model, tokenizer, args.num, p["num_iter"], p["cfg"], p["cfg_schedule"],
-                                            p["temperature"])
-            records.append(table1.append_record(args.out, dict(
-                key, kind="point", sweep=sweep, cfg_source=curve["cfg_source"] if p["cfg"] != 1.0 else None,
-                ref="test", fid=ev.fid(images, "test"), s_per_image=round(s_per_image, 4), batch=t1.batch,
-                threads=torch.get_num_threads(), **info), who="ablations"))
-            write_report(args, t1)
+            with table1.claim(args, kind="point", **key) as mine:
+                if not mine:
+                    continue
+                model.diffloss.set_sampling_steps(p["num_sampling_steps"])
+                images, s_per_image = ev.sample(model, tokenizer, args.num, p["num_iter"], p["cfg"],
+                                                p["cfg_schedule"], p["temperature"])
+                table1.append_record(args.out, dict(
+                    key, kind="point", sweep=sweep, cfg_source=curve["cfg_source"] if p["cfg"] != 1.0 else None,
+                    ref="test", fid=ev.fid(images, "test"), s_per_image=round(s_per_image, 4), batch=t1.batch,
+                    threads=torch.get_num_threads(), **info), who="ablations")
+                write_report(args, t1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,13 +374,14 @@ def main(argv=None, inception=None):
     measured = [s for s in args.sweeps if s != "tokenizers"]
     if not args.plots_only and measured:
         ev = table1.Evaluator(t1, inception)
-        records, t1_records = table1.read_records(args.out), table1.read_records(args.table1)
+        t1_records = table1.read_records(args.table1)
         needed = {(point(c, x)["run"], point(c, x)["diffloss_w"])
                   for s in measured for c in curves(args, t1, t1_records, s) for x in c["grid"]}
-        runs = {key: load_run(t1, *key, len(ev.train_set)) for key in sorted(needed)}    # train first, then measure
-        measure_floor(args, t1, ev, records)
+        paths = table1.train_all(t1, {key: training_spec(*key) for key in sorted(needed)}, len(ev.train_set))
+        runs = {key: load_run(path) for key, path in paths.items()}                     # train first, then measure
+        measure_floor(args, t1, ev)
         for sweep in measured:
-            measure(args, t1, ev, records, runs, sweep, t1_records)
+            measure(args, t1, ev, runs, sweep, t1_records)
     write_report(args, t1)
     print(open(args.table).read())
 

@@ -1,8 +1,9 @@
 """
-experiments/table1.py -- the paper's Table 1 (Sec. 5.1, and the L2 row of App. D, 'L2 Loss vs. Diff Loss') at CPU scale on
-Fashion-MNIST: Diffusion Loss on continuous tokens vs cross-entropy on discrete (VQ) tokens, for AR
-raster, AR random order, MAR one token per step and MAR several tokens per step; plus a MAR with an
-L2 (MSE) head. Every training run is train.py; sampling is sample.py's `generate`; FID is fid.py.
+experiments/table1.py -- the paper's Table 1 (Sec. 5.1, and the L2 row of App. D, "L2 Loss vs. Diff
+Loss") at CPU scale on Fashion-MNIST: Diffusion Loss on continuous tokens vs cross-entropy on discrete
+(VQ) tokens, for AR raster, AR random order, MAR one token per step and MAR several tokens per step;
+plus a MAR with an L2 (MSE) head. Every training run is train.py; sampling is sample.py's `generate`;
+FID is fid.py.
 
 Run (from the repository root; everything finished is kept in the JSONL and skipped):
   python experiments/table1.py --runs_dir runs                        # the whole table, hours on 2 cores
@@ -191,34 +192,35 @@ def total_steps(train_args, n_train):
 
 
 def ensure_trained(args, name, n_train, extra=(), suffix=""):
-    """Train (or resume) run `name` until its checkpoint holds the last step; returns the checkpoint.
-    extra: more train.py arguments (the ablations' variants of a run), trained in run_dir + suffix."""
+    """Train (or resume) run `name` until its checkpoint holds the last step; returns the checkpoint, or
+    None while another table1.py process trains it. extra: more train.py arguments (the ablations'
+    variants of a run), trained in run_dir + suffix."""
     d = run_dir(args, name, suffix)
-    ckpt_path = os.path.join(d, "checkpoint-last.pth")
-    argv = train_argv(args, name) + list(extra) + LOGGING + ["--output_dir", d]
-    want = train.get_args(argv)
-    if os.path.exists(ckpt_path):
-        ckpt = tk.torch_load(ckpt_path)
-        have = train.checkpoint_args(ckpt)
-        diff = [f"{k}: {have.get(k)!r} vs {getattr(want, k)!r}" for k in train.MUST_MATCH
-                if k != "shards" and have.get(k) != getattr(want, k)]
-        if diff:
-            raise ValueError(f"{ckpt_path} was trained with other settings than this table's ({', '.join(diff)}); "
-                             f"move it away or pass another --runs_dir")
-        if ckpt["step"] >= total_steps(want, n_train):
-            return ckpt_path
-        age = time.time() - max(os.path.getmtime(p) for p in (ckpt_path, os.path.join(d, "metrics.jsonl"))
-                                if os.path.exists(p))
-        if age < RUNNING_S:
-            raise RuntimeError(f"{d} is at step {ckpt['step']} and changed {age:.0f} s ago: it is probably still "
-                               f"training; wait for it (or, if nothing runs, retry in {RUNNING_S - age:.0f} s)")
-        argv += ["--resume", ckpt_path]
-    log, lock = d + ".log", d + ".lock"
-    print(f"table1: training {name}: train.py {' '.join(argv)} (log: {log})", flush=True)
+    ckpt_path, log, lock = os.path.join(d, "checkpoint-last.pth"), d + ".log", d + ".lock"
     os.makedirs(args.runs_dir, exist_ok=True)
-    if not take_lock(lock):               # two table1.py processes must not train the same run
-        raise RuntimeError(f"{lock} exists: another table1.py is training {name}; wait for it")
+    if not take_lock(lock):
+        return None
     try:
+        argv = train_argv(args, name) + list(extra) + LOGGING + ["--output_dir", d]
+        want = train.get_args(argv)
+        if os.path.exists(ckpt_path):
+            ckpt = tk.torch_load(ckpt_path)
+            have = train.checkpoint_args(ckpt)
+            diff = [f"{k}: {have.get(k)!r} vs {getattr(want, k)!r}" for k in train.MUST_MATCH
+                    if k != "shards" and have.get(k) != getattr(want, k)]
+            if diff:
+                raise ValueError(f"{ckpt_path} was trained with other settings than this table's "
+                                 f"({', '.join(diff)}); move it away or pass another --runs_dir")
+            if ckpt["step"] >= total_steps(want, n_train):
+                return ckpt_path
+            age = time.time() - max(os.path.getmtime(p) for p in (ckpt_path, os.path.join(d, "metrics.jsonl"))
+                                    if os.path.exists(p))
+            if age < RUNNING_S:        # started by hand (no lock), still writing
+                raise RuntimeError(f"{d} is at step {ckpt['step']} and changed {age:.0f} s ago: it is probably "
+                                   f"still training; wait for it (or, if nothing runs, retry in "
+                                   f"{RUNNING_S - age:.0f} s)")
+            argv += ["--resume", ckpt_path]
+        print(f"table1: training {name}: train.py {' '.join(argv)} (log: {log})", flush=True)
         with open(log, "a") as f:
             proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + argv, cwd=ROOT,
                                   stdout=f, stderr=subprocess.STDOUT)
@@ -227,6 +229,21 @@ def ensure_trained(args, name, n_train, extra=(), suffix=""):
     if proc.returncode != 0:
         raise RuntimeError(f"training {name} failed (exit {proc.returncode}); see {log}")
     return ckpt_path
+
+
+def train_all(args, runs, n_train):
+    """runs: {key: (name, extra, suffix)} (ensure_trained's arguments) -> {key: checkpoint} once every run
+    is trained. Processes side by side each train a run that no other process is training, then wait."""
+    ckpts = {}
+    while True:
+        for key, run in runs.items():
+            if key not in ckpts and (path := ensure_trained(args, run[0], n_train, *run[1:])) is not None:
+                ckpts[key] = path
+        if len(ckpts) == len(runs):
+            return ckpts
+        print(f"table1: waiting for {', '.join(str(k) for k in runs if k not in ckpts)}: another process trains "
+              f"them", flush=True)
+        time.sleep(30)
 
 
 def training_time(run_path):
@@ -285,22 +302,30 @@ def take_lock(lock):
             pass
 
 
-def cached_features(args, name, make_images, inception):
-    """Inception pool features (n, 2048) float32 of a reference image set, cached as .npy. Several
-    table1.py processes (one thread each is the fastest use of a small CPU) may need the same set at
-    once: the first computes it under a lock file, the others wait for the file."""
-    path = os.path.join(args.runs_dir, "t1_cache", f"features_{name}.npy")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def once(path, make):
+    """make() writes `path` (atomically) unless it exists. Several table1.py processes may need the same
+    file at once: the first makes it under a lock file, the others wait for it."""
     while not os.path.exists(path):
         if not take_lock(path + ".lock"):
             time.sleep(5)
             continue
         try:
-            feats = fid.extract_features(inception(), make_images(), args.fid_batch)[0].astype(np.float32)
-            np.save(path + ".tmp.npy", feats)
-            os.replace(path + ".tmp.npy", path)
+            if not os.path.exists(path):
+                make()
         finally:
             os.remove(path + ".lock")
+
+
+def cached_features(args, name, make_images, inception):
+    """Inception pool features (n, 2048) float32 of a reference image set, cached as .npy (made once)."""
+    path = os.path.join(args.runs_dir, "t1_cache", f"features_{name}.npy")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def make():
+        feats = fid.extract_features(inception(), make_images(), args.fid_batch)[0]
+        np.save(path + ".tmp.npy", feats.astype(np.float32))
+        os.replace(path + ".tmp.npy", path)
+    once(path, make)
     return np.load(path)
 
 
@@ -330,8 +355,9 @@ class Evaluator:
         """Inception features of "test" (all test images) or "train" (the class-balanced N training
         images), computed once and cached."""
         if which == "test":
+            everything = torch.arange(len(self.test_set))
             return cached_features(self.args, f"test{len(self.test_set)}",
-                                   lambda: uint8_images(self.test_set, torch.arange(len(self.test_set))), self.inception)
+                                   lambda: uint8_images(self.test_set, everything), self.inception)
         idx = balanced_subset(self.train_set.labels, self.args.num_fid, self.args.seed)
         return cached_features(self.args, f"train{self.args.num_fid}_seed{self.args.seed}",
                                lambda: uint8_images(self.train_set, idx), self.inception)
@@ -362,11 +388,12 @@ def vq_tokenizer(args, train_set):
     """The codebook every CE run uses (train.py --codebook reads the same file): fitted once, as
     train.py would fit it (VQTokenizer.fit, seed 0)."""
     path = codebook_path(args)
-    if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def make():
         print(f"table1: fitting the {args.vq}-code codebook -> {path}", flush=True)
-        vq = tk.VQTokenizer.fit(train_set, args.vq, 4, seed=0)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        train.save_checkpoint(path, vq.config())
+        train.save_checkpoint(path, tk.VQTokenizer.fit(train_set, args.vq, 4, seed=0).config())
+    once(path, make)
     return tk.build_tokenizer(tk.torch_load(path))
 
 
@@ -580,7 +607,7 @@ def main(argv=None, inception=None):
     runs = list(dict.fromkeys(ROWS[r][0] for r in args.rows if r in ROWS))
     if any(RUNS[r][2] == "ce" for r in runs):
         vq_tokenizer(args, ev.train_set)            # before any CE run, so that they all read this file
-    ckpts = {run: ensure_trained(args, run, len(ev.train_set)) for run in runs}
+    ckpts = train_all(args, {run: (run, (), "") for run in runs}, len(ev.train_set))
     if args.train_only:
         return
     if "floor" in args.rows:
