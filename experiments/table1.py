@@ -576,7 +576,8 @@ def get_args(argv=None):
     a("--data_path", default=None, help=f"Fashion-MNIST idx directory (default {tk.FASHION_MNIST_DIR})")
     a("--num_fid", type=int, default=5000, help="N: samples per reported FID (and training images of the floor)")
     a("--num_sweep", type=int, default=1000, help="samples per point of the CFG sweep")
-    a("--cfg_grid", default="1.5,2,3,4", help="CFG scales of the sweep")
+    a("--cfg_grid", default="1.5,2,3,4,6,8", help="CFG scales of the sweep (a tiny model wants strong guidance: "
+                                                 "4 was the best of 1.5..4 for the MAR Diffusion Loss row)")
     a("--batch", type=int, default=250, help="images per generation batch")
     a("--fid_batch", type=int, default=50, help="images per Inception batch")
     a("--num_sampling_steps", type=int, default=100, help="diffusion steps per token (paper: 100)")
