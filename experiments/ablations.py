@@ -51,15 +51,14 @@ a Table 1 run used, if not the defaults, in --table1_args):
   * A point is its sampling settings (run, MLP width, generation steps, diffusion steps, temperature,
     CFG scale and schedule) plus N, seed and the checkpoint's step, not its sweep: the default point
     belongs to several sweeps and is measured once. At CFG 1.0 the schedule does not matter.
-Cost (estimated from table1.py's measured costs on the busy 2-core machine, one thread, not measured):
-a point is N x (generation + 0.35 s Inception per image); generation 0.37 s/image at the default, of
-which ~0.2 s is the head's 100 diffusion steps and ~0.01 s each generation step of the Transformer
-(0.37 at 16 steps, 0.71 at 49), x1.7 w/ CFG: a default point is 12 min w/o CFG, 16 min w/ CFG at N =
-1,000. New points per sweep (shared ones counted once): steps ~2.6 h, temperature ~1.9 h, cfg ~2.5 h,
-speed ~1.6 h, mlp ~3.7 h if the head's cost grows as width^2: about 12 hours of one thread, half that
-on two processes; plus the 512 and 1024 training runs (Table 1's 256 run: 35 min on a quiet machine;
-how much a wider head slows a step is not measured) and, if table1.py has not cached them yet, the
-features of its 5,000 training-reference images (~30 min, shared with Table 1).
+Cost (from Table 1's measurements on this 2-core machine, one thread per process, two processes): a
+point is N x (generation + Inception at ~6 images/s); the default generates at 0.156 s/image (batch 250)
+and 0.34-0.48 s/image w/ CFG, so a default point at N = 1,000 is ~5.5 min w/o CFG and ~8-11 min w/ CFG;
+the head's share of the generation grows with the diffusion steps and the width. New points per sweep
+(shared ones counted once), roughly: steps 10 (~1.5 h), temperature 8 (~1 h), cfg 10 (~1.5 h), speed 6
+(~1 h, plus the AR raster run if Table 1 has not trained it: ~50 min), mlp 4 (~1 h, plus the 512 and
+1024 training runs: 48 min for Table 1's 256 head, not measured for wider ones). About 6 hours of one
+core, half that on two processes; plus table1.py's cached reference features if missing (40 min).
 """
 import argparse
 import math
@@ -344,7 +343,7 @@ def get_args(argv=None):
     a("--cfg", type=float, default=3.0, help="w/ CFG scale while Table 1 has chosen none")
     a("--steps_grid", type=ints, default="5,10,25,50,100,250", help="steps: diffusion sampling steps")
     a("--temperature_grid", type=floats, default="0.4,0.6,0.8,1.0,1.2", help="temperature: tau")
-    a("--cfg_grid", type=floats, default="1.5,2,3,4,6", help="cfg: guidance scales besides 1.0")
+    a("--cfg_grid", type=floats, default="1.5,2,3,4,6,8", help="cfg: guidance scales besides 1.0 (Table 1's grid)")
     a("--widths", type=ints, default="256,512,1024", help="mlp: Diffusion Loss MLP widths")
     a("--num_iter_grid", type=ints, default=f"1,2,4,8,{MAR_STEPS},{table1.SEQ_LEN}", help="speed: MAR steps")
     a("--max_steps", type=int, default=None, help="cap every training run (smoke tests only: not the protocol)")
