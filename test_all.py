@@ -1708,28 +1708,37 @@ def test_resume_checkpoint_written_before_the_head_flags(full_run, tmp_path):
     assert out.returncode != 0 and "head: checkpoint 'diffusion' vs now 'l2'" in out.stderr
 
 
-def test_table1_end_to_end_tiny(tmp_path):
-    """experiments/table1.py on a 100-image stand-in for Fashion-MNIST (28x28 shapes in idx files),
-    N = 4: trains the CE run, fits the shared codebook, measures the floor, the tokenizers and one row
-    w/o CFG (--no_cfg), then its CFG sweep; a last call finds everything done. The feature network is a
-    small stand-in (the real Inception is tested above): with 2048-d features each FID costs two
-    2048 x 2048 eigendecompositions, minutes for this test on a busy 2-core machine."""
-    class Features(nn.Module):   # uint8 (N, 1, 28, 28) -> (4x4 mean-pooled pixels (N, 16) @ w (16, 8), no logits)
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
+class Features(nn.Module):
+    """The experiment tests' stand-in for the FID Inception (tested on its own above): uint8 (N, 1, 28, 28)
+    -> (4x4 mean-pooled pixels (N, 16) @ w (16, 8), no logits)."""
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
 
-        def forward(self, x):
-            return F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.w, None
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.w, None
 
-    sys.path.insert(0, os.path.join(HERE, "experiments"))
-    import table1
+
+def fashion_stand_in(tmp_path):
+    """A 100-image stand-in for Fashion-MNIST (28x28 shapes, 10 per class; 20 test images) in idx files."""
     data = tmp_path / "fmnist"
     data.mkdir()
     for split, per_class in (("train", 10), ("t10k", 2)):
         images, labels = train.make_shapes(per_class, 28, seed=len(split))
         write_idx(str(data / f"{split}-images-idx3-ubyte"), images.numpy())
         write_idx(str(data / f"{split}-labels-idx1-ubyte"), labels.numpy())
+    return data
+
+
+def test_table1_end_to_end_tiny(tmp_path):
+    """experiments/table1.py on a 100-image stand-in for Fashion-MNIST (28x28 shapes in idx files),
+    N = 4: trains the CE run, fits the shared codebook, measures the floor, the tokenizers and one row
+    w/o CFG (--no_cfg), then its CFG sweep; a last call finds everything done. The feature network is a
+    small stand-in (the real Inception is tested above): with 2048-d features each FID costs two
+    2048 x 2048 eigendecompositions, minutes for this test on a busy 2-core machine."""
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import table1
+    data = fashion_stand_in(tmp_path)
     out, table, runs = tmp_path / "t1.jsonl", tmp_path / "t1.md", tmp_path / "runs"
     argv = ["--rows", "mar16_ce,floor,tokens", "--runs_dir", str(runs), "--out", str(out), "--table", str(table),
             "--inception", str(tmp_path / "no_such_file.pth"), "--data_path", str(data), "--num_fid", "4", "--num_sweep", "2",
@@ -1995,25 +2004,12 @@ def test_ablations_end_to_end_tiny(tmp_path, monkeypatch):
     width-24 head trained with train.py --diffloss_w). Each distinct point is measured once, with
     the settings its record states reaching the sampler; a second call measures nothing; --plots-only
     rebuilds the same report."""
-    class Features(nn.Module):   # uint8 (N, 1, 28, 28) -> (4x4 mean-pooled pixels (N, 16) @ w (16, 8), no logits)
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
-
-        def forward(self, x):
-            return F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.w, None
-
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import shlex
     import ablations
     import table1
     from PIL import Image
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    for split, per_class in (("train", 10), ("t10k", 2)):
-        images, labels = train.make_shapes(per_class, 28, seed=len(split))
-        write_idx(str(data / f"{split}-images-idx3-ubyte"), images.numpy())
-        write_idx(str(data / f"{split}-labels-idx1-ubyte"), labels.numpy())
+    data = fashion_stand_in(tmp_path)
     runs, t1_out, out, md, plots = (tmp_path / name for name in ("runs", "t1.jsonl", "a.jsonl", "a.md", "plots"))
     t1_flags = ["--data_path", str(data), "--inception", str(tmp_path / "no_such_file.pth"), "--num_fid", "8",
                 "--num_sweep", "4", "--cfg_grid", "2,3", "--num_sampling_steps", "2", "--vq", "8"]
