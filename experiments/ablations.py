@@ -65,7 +65,6 @@ import math
 import os
 import shlex
 import sys
-import time
 
 import torch
 
