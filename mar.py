@@ -399,7 +399,8 @@ class MAR(nn.Module):
         cdf = lambda v: torch.special.ndtr(torch.tensor((v - mu) / std, dtype=torch.float64))
         lo, hi = cdf(self.mask_ratio_min), cdf(1.0)
         ratio = mu + std * torch.special.ndtri(lo + (hi - lo) * torch.rand((), dtype=torch.float64))
-        return math.ceil(self.seq_len * float(ratio.clamp(self.mask_ratio_min, 1.0)))
+        # at least one token: a ratio near 0 (mask_ratio_min = 0, short sequences) must still leave a loss
+        return max(1, math.ceil(self.seq_len * float(ratio.clamp(self.mask_ratio_min, 1.0))))
 
     def random_mask(self, batch, device, num_masked=None):
         """Training mask (B, seq), 1 = unknown: the first num_masked positions (default: a fresh

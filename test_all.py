@@ -1694,9 +1694,23 @@ def test_diffloss_width_flag(tmp_path):
     assert out.returncode != 0 and "--diffloss_w must be >= 1" in out.stderr
 
 
+def test_mask_ratio_min_flag(tmp_path):
+    """train.py --mask_ratio_min reaches the model (stored in its config, so the checkpoint rebuilds with it
+    and trains on); resuming with another value, a value outside [0, 1], or an ar_* model is refused."""
+    run_script(TRAIN_TINY + ["--max_steps", "2", "--mask_ratio_min", "0", "--output_dir", str(tmp_path)])
+    ckpt = tmp_path / "checkpoint-last.pth"
+    model, c = load_checkpoint(str(ckpt))
+    assert c["config"]["mask_ratio_min"] == 0.0 and model.mask_ratio_min == 0.0
+    out = run_script(TRAIN_TINY + ["--max_steps", "3", "--output_dir", str(tmp_path), "--resume", str(ckpt)], check=False)
+    assert out.returncode != 0 and "mask_ratio_min: checkpoint 0.0 vs now None" in out.stderr
+    for bad in (["--mask_ratio_min", "1.5"], ["--mask_ratio_min", "0.5", "--model", "ar_tiny"]):
+        out = run_script(TRAIN_TINY + bad + ["--output_dir", str(tmp_path / "x")], check=False)
+        assert out.returncode != 0 and "--mask_ratio_min" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_resume_checkpoint_written_before_the_head_flags(full_run, tmp_path):
     ckpt = T.torch_load(str(full_run))
-    for key in ("head", "vq", "codebook", "order", "diffloss_w"):
+    for key in ("head", "vq", "codebook", "order", "diffloss_w", "mask_ratio_min"):
         del ckpt["args"][key]
     ckpt["step"] = 6                                       # as if the older run had stopped early
     old = tmp_path / "checkpoint-last.pth"

@@ -259,7 +259,7 @@ def update_ema(ema, model, decay, step):
 # Arguments that change the numbers: resuming with a different value would silently start another run.
 MUST_MATCH = ("model", "data", "image_size", "patch_size", "hflip", "seed", "batch_size", "shards", "blr",
               "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay", "head", "vq", "order",
-              "diffloss_w")
+              "diffloss_w", "mask_ratio_min")
 
 
 def save_checkpoint(path, state):
@@ -337,6 +337,9 @@ def build_parser():
     a("--order", default=None, choices=("raster", "random"), help="ar_* models: generation order (default raster)")
     a("--diffloss_w", type=int, default=None,
       help="width of the per-token head's MLP (default: the model's in mar.MODELS; the paper's Table 4 varies it)")
+    a("--mask_ratio_min", type=float, default=None,
+      help="mar_* models: lower end of the training mask ratio, N(1, 0.25) truncated to [this, 1] (default: the "
+           "paper's 0.7, chosen for 256 tokens; 0 lets short sequences see as many known tokens as generation does)")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True,
       help="random horizontal flips (the paper's augmentation); --no-hflip for digits or text")
     a("--batch_size", type=int, default=64, help="images per process per micro-step")
@@ -377,6 +380,9 @@ def get_args(argv=None):
         raise ValueError("--head ce is a softmax over discrete codes: add --vq K (e.g. --vq 1024)")
     if args.vq is not None and (args.vq < 2 or args.vae is not None):
         raise ValueError(f"--vq {args.vq}: needs K >= 2 and pixel tokens (it quantizes pixel patches, not --vae latents)")
+    if args.mask_ratio_min is not None and (args.model.startswith("ar_") or not 0 <= args.mask_ratio_min <= 1):
+        raise ValueError(f"--mask_ratio_min {args.mask_ratio_min}: needs a mar_* model (ar_* models do not mask) "
+                         "and a value in [0, 1]")
     if args.order is not None and not args.model.startswith("ar_"):
         raise ValueError(f"--order is for the causal ar_* models; {args.model} always generates in random order")
     resolve_defaults(vars(args))
@@ -423,6 +429,8 @@ def train(args, rank, world, device):
         extra["order"] = args.order
     if args.diffloss_w is not None:
         extra["diffloss_w"] = args.diffloss_w
+    if args.mask_ratio_min is not None:
+        extra["mask_ratio_min"] = args.mask_ratio_min
     model = mar.build_model(args.model, seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim,
                             num_classes=dataset.num_classes, **extra)
     if args.head == "ce":                        # the head samples codes: it holds the tokenizer's codebook
