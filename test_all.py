@@ -1914,6 +1914,22 @@ def test_fid_speed_benchmark_runs(inception):
     assert float(rows["reference"][5]) == 0 and float(rows["fused"][5]) < 1e-3  # max_abs_diff
 
 
+def test_head_ceiling_benchmark(capsys):
+    """benchmarks/head_ceiling.py: its "products alone" are exactly the Linear layers the sampler runs every
+    step (input projection, each block's modulation and MLP, the final modulation and projection), and a
+    tiny run prints one row per CFG setting with the ceiling."""
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import head_ceiling
+    net = DiffLoss(5, 7, 3, 12).net
+    per_step = [net.input_proj] + [m for b in net.res_blocks for m in (b.adaLN_modulation[-1], b.mlp[0], b.mlp[2])]
+    per_step += [net.final_layer.adaLN_modulation[-1], net.final_layer.linear]
+    assert head_ceiling.product_shapes(5, 12, 3) == [(m.in_features, m.out_features) for m in per_step]
+    head_ceiling.main(["--token_dim", "4", "--width", "16", "--depth", "1", "--z_dim", "8", "--rows", "6",
+                       "--steps", "3", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cfg")]
+    assert [r.split(":")[0] for r in rows] == ["cfg 1", "cfg 3"] and all("ceiling speedup" in r for r in rows)
+
+
 # ==============================================================================================
 # Issue 11: no host synchronisation in MAR's masking; torch.compile of the sampler
 
