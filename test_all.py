@@ -1696,21 +1696,29 @@ def test_diffloss_width_flag(tmp_path):
 
 def test_mask_ratio_min_flag(tmp_path):
     """train.py --mask_ratio_min reaches the model (stored in its config, so the checkpoint rebuilds with it
-    and trains on); resuming with another value, a value outside [0, 1], or an ar_* model is refused."""
-    run_script(TRAIN_TINY + ["--max_steps", "2", "--mask_ratio_min", "0", "--output_dir", str(tmp_path)])
+    and trains on). The default is 0 on the built-in shapes (16 tokens), the paper's 0.7 elsewhere, and a
+    checkpoint written before the flag existed counts as 0.7. Resuming with another value, a value
+    outside [0, 1], or an ar_* model is refused with a message."""
+    run_script(TRAIN_TINY + ["--max_steps", "2", "--mask_ratio_min", "0.5", "--output_dir", str(tmp_path)])
     ckpt = tmp_path / "checkpoint-last.pth"
     model, c = load_checkpoint(str(ckpt))
-    assert c["config"]["mask_ratio_min"] == 0.0 and model.mask_ratio_min == 0.0
+    assert c["config"]["mask_ratio_min"] == 0.5 and model.mask_ratio_min == 0.5
     out = run_script(TRAIN_TINY + ["--max_steps", "3", "--output_dir", str(tmp_path), "--resume", str(ckpt)], check=False)
-    assert out.returncode != 0 and "mask_ratio_min: checkpoint 0.0 vs now None" in out.stderr
+    assert out.returncode != 0 and "mask_ratio_min: checkpoint 0.5 vs now 0.0" in out.stderr
     for bad in (["--mask_ratio_min", "1.5"], ["--mask_ratio_min", "0.5", "--model", "ar_tiny"]):
         out = run_script(TRAIN_TINY + bad + ["--output_dir", str(tmp_path / "x")], check=False)
         assert out.returncode != 0 and "--mask_ratio_min" in out.stderr and "Traceback" not in out.stderr
+    resolved = lambda argv: train.get_args(argv).mask_ratio_min
+    assert resolved([]) == 0.0 and resolved(["--data", "fashion_mnist"]) == 0.7 == MAR(seq_len=4).mask_ratio_min
+    assert resolved(["--model", "ar_tiny"]) is None
+    legacy = T.torch_load(str(ckpt))
+    del legacy["args"]["mask_ratio_min"]
+    assert train.checkpoint_args(legacy)["mask_ratio_min"] == 0.7
 
 
 def test_resume_checkpoint_written_before_the_head_flags(full_run, tmp_path):
     ckpt = T.torch_load(str(full_run))
-    for key in ("head", "vq", "codebook", "order", "diffloss_w", "mask_ratio_min"):
+    for key in ("head", "vq", "codebook", "order", "diffloss_w"):
         del ckpt["args"][key]
     ckpt["step"] = 6                                       # as if the older run had stopped early
     old = tmp_path / "checkpoint-last.pth"
