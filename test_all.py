@@ -1809,6 +1809,22 @@ def test_table1_end_to_end_tiny(tmp_path):
         table1.main(argv[:1] + ["mar_ce"] + argv[2:])
 
 
+def test_table1_runs(tmp_path):
+    """Every Table 1 run trains into its own directory with its own flags: the supplementary MAR with the
+    mask ratio in [0, 1] must not reuse (or overwrite) the paper's MAR run, and vice versa."""
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import table1
+    args = table1.get_args(["--runs_dir", str(tmp_path)])
+    dirs = {name: table1.run_dir(args, name) for name in table1.RUNS}
+    assert len(set(dirs.values())) == len(dirs)
+    for name in table1.RUNS:
+        a = vars(train.get_args(table1.train_argv(args, name) + ["--output_dir", dirs[name]]))
+        assert (a["model"], a["order"], a["head"]) == table1.RUNS[name][:3]
+        if a["model"].startswith("mar_"):
+            assert a["mask_ratio_min"] == (0.0 if name == "mar_diffusion_mr0" else 0.7)
+    assert table1.ROWS["mar16_diffusion_mr0"][0] == "mar_diffusion_mr0"
+
+
 def test_table1_locks(tmp_path):
     """table1.py processes share work through lock files: a lock of a running process is respected, one
     of a dead process (or a pid never written, a minute on) is taken over; cached reference features
