@@ -37,8 +37,9 @@ Protocol (every choice; the issue's set-up where it is explicit):
     MAR rows of one loss share one trained model (they differ only at inference): 7 runs in all.
   * One row the paper does not have, "mar16_diffusion_mr0": the MAR Diffusion Loss run trained with the
     mask ratio in [0, 1] (train.py --mask_ratio_min 0) instead of the paper's [0.7, 1], an 8th run. The
-    paper's range never shows the model more than 30% known tokens in training, while generation
-    conditions on up to 48 of 49; the row measures what that costs at this scale.
+    paper's range never shows the model more than 14 known tokens in training, while the 16-step
+    generation predicts 31 of the 49 tokens with more known (up to 45); the row measures what that
+    costs at this scale.
   * Sampling: EMA weights, fp32, batches of --batch (250) images, temperature 1.0, the linear CFG
     schedule (the paper's), 100 diffusion steps per token (the paper's), labels class-balanced
     (image i has class i % 10), batch b drawn from a generator seeded with (--seed, b) as sample.py.
@@ -119,7 +120,7 @@ ROWS = {
     "mar16_diffusion": ("mar_diffusion", 16, ("MAR", "random", "bidirect", ">1 (16 steps)", "Diff Loss")),
     "mar16_l2": ("mar_l2", 16, ("MAR", "random", "bidirect", ">1 (16 steps)", "L2 (MSE)")),
     # Not in the paper: its MAR trains with a mask ratio in [0.7, 1] (chosen for 256 tokens), so it never
-    # sees more than 30% of the tokens known, while generating a 49-token image conditions on up to 48.
+    # sees more than 14 of 49 tokens known, while its 16-step generation conditions on up to 45.
     # This row asks how much of the MAR rows' gap to AR that mismatch explains (README, Table 1).
     "mar16_diffusion_mr0": ("mar_diffusion_mr0", 16,
                             ("MAR, mask ratio [0, 1]", "random", "bidirect", ">1 (16 steps)", "Diff Loss")),
