@@ -176,7 +176,7 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, default=1.0,
                    help="classifier-free guidance scale: 1 = none, > 1 guides (paper: 2.9-3.2), 0..1 moves "
                         "towards the unconditional model")
-    p.add_argument("--cfg_schedule", choices=("linear", "constant"), default="linear")
+    p.add_argument("--cfg_schedule", choices=mar.CFG_SCHEDULES, default="linear")
     p.add_argument("--temperature", type=float, default=None,
                    help="scales the diffusion sampler's noise (--head ce: softmax temperature; l2: no effect); "
                         "default: 1.0 (the paper's) for KL-16 latents and VQ codes, 0.5 for pixel tokens")

@@ -23,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root
+import mar     # noqa: E402
 import sample  # noqa: E402
 import train   # noqa: E402
 
@@ -99,7 +100,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, nargs="+", default=[sample.DEFAULT_TEMPERATURE["pixel"]],
                    help="one or more temperatures (default: sample.py's for pixel tokens)")
     p.add_argument("--num_iter", type=int, nargs="+", default=[64], help="one or more K (capped at seq_len)")
-    p.add_argument("--cfg_schedule", nargs="+", default=["linear"], choices=("linear", "constant"),
+    p.add_argument("--cfg_schedule", nargs="+", default=["linear"], choices=mar.CFG_SCHEDULES,
                    help="one or more CFG schedules (sample.py's --cfg_schedule)")
     p.add_argument("--num_sampling_steps", type=int, default=100)
     p.add_argument("--per_class", type=int, default=20, help="samples per class (10 classes)")
