@@ -1696,7 +1696,7 @@ def test_diffloss_width_flag(tmp_path):
 
 def test_mask_ratio_min_flag(tmp_path):
     """train.py --mask_ratio_min reaches the model (stored in its config, so the checkpoint rebuilds with it
-    and trains on). The default is 0 on the built-in shapes (16 tokens), the paper's 0.7 elsewhere, and a
+    and trains on). The default is 0 on the built-in shapes (few tokens), the paper's 0.7 elsewhere, and a
     checkpoint written before the flag existed counts as 0.7. Resuming with another value, a value
     outside [0, 1], or an ar_* model is refused with a message."""
     run_script(TRAIN_TINY + ["--max_steps", "2", "--mask_ratio_min", "0.5", "--output_dir", str(tmp_path)])
@@ -1714,6 +1714,18 @@ def test_mask_ratio_min_flag(tmp_path):
     legacy = T.torch_load(str(ckpt))
     del legacy["args"]["mask_ratio_min"]
     assert train.checkpoint_args(legacy)["mask_ratio_min"] == 0.7
+
+
+def test_patch_size_defaults(full_run):
+    """--patch_size: 1 for VAE latents, 4 for pixels, 8 on the built-in shapes (the demo). A checkpoint
+    written with the default of its time (None in its args) counts as its tokenizer's patch size, so a
+    later change of the default neither breaks --resume nor changes what the run was."""
+    resolved = lambda argv: train.get_args(argv).patch_size
+    assert resolved([]) == 8 and resolved(["--data", "fashion_mnist"]) == 4
+    assert resolved(["--data", "latents", "--vae", "kl16.ckpt"]) == 1 and resolved(["--patch_size", "2"]) == 2
+    legacy = T.torch_load(str(full_run))
+    legacy["args"]["patch_size"] = None
+    assert train.checkpoint_args(legacy)["patch_size"] == legacy["tokenizer"]["patch_size"] == 2
 
 
 def test_resume_checkpoint_written_before_the_head_flags(full_run, tmp_path):
