@@ -201,7 +201,7 @@ def make_tokenizer(args, dataset):
         if args.image_size not in (None, size):
             raise ValueError(f"--image_size {args.image_size} but the {args.data} images are {size}x{size}")
         if args.vq is not None:
-            return vq_tokenizer(args, dataset, size, args.patch_size)
+            return vq_tokenizer(args, dataset, size)
         return tk.PixelTokenizer(size, dataset.channels, args.patch_size)
     vae = tk.load_vae(args.vae)
     if args.data == "latents":
@@ -211,10 +211,10 @@ def make_tokenizer(args, dataset):
     return tk.KLTokenizer(vae, size, args.patch_size)
 
 
-def vq_tokenizer(args, dataset, size, p):
+def vq_tokenizer(args, dataset, size):
     """--vq K: the codebook file if it exists (so several runs share one codebook), else a fresh
     k-means fit (seeded, deterministic), written there for the next run."""
-    path = args.codebook or os.path.join(args.output_dir, "codebook.pth")
+    path, p = args.codebook or os.path.join(args.output_dir, "codebook.pth"), args.patch_size
     if os.path.exists(path):
         cfg = tk.torch_load(path)
         vq = tk.build_tokenizer(cfg) if isinstance(cfg, dict) and cfg.get("kind") == "vq" else None
