@@ -196,7 +196,8 @@ def nice_ticks(lo, hi, n=5):
 
 def line_plot(path, series, title, xlabel, ylabel, logx=False, data_ticks=True, hline=None):
     """series: [(label, [(x, y, point label), ...])] -> PNG: framed axes with ticks and grid, the axis
-    labels, a legend above the frame, a dashed reference line hline = (label, y)."""
+    labels, a legend above the frame, a dashed reference line hline = (label, y). Each series' line joins
+    its points in the order given (the speed plot's x, seconds, need not grow with its setting)."""
     from PIL import Image, ImageDraw, ImageFont
     W, H, L, R, T, B = 760, 500, 70, 30, 80, 55                # image size; margins left, right, top, bottom
     img, font = Image.new("RGB", (W, H), "white"), ImageFont.load_default(size=14)
@@ -226,10 +227,10 @@ def line_plot(path, series, title, xlabel, ylabel, logx=False, data_ticks=True, 
         d.text((W - R - 4, Y(hline[1]) - 3), hline[0], fill="gray", font=font, anchor="rb")
     lx = L
     for color, (label, pts) in zip(("#1f77b4", "#d62728", "#2ca02c", "#9467bd"), series):
-        xy = [(X(x), Y(y)) for x, y, _ in sorted(pts)]
+        xy = [(X(x), Y(y)) for x, y, _ in pts]
         if len(xy) > 1:
             d.line(xy, fill=color, width=2)
-        for (px, py), (_, _, tag) in zip(xy, sorted(pts)):
+        for (px, py), (_, _, tag) in zip(xy, pts):
             d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
             d.text((px + 5, py - 4), tag, fill=color, font=font, anchor="ld")
         d.line((lx, 40, lx + 24, 40), fill=color, width=3)          # legend, one row above the frame
@@ -262,7 +263,7 @@ def write_report(args, t1):
         png = os.path.join(args.plots_dir, f"ablation_{sweep}.png")
         at = (lambda r: r["s_per_image"]) if sweep == "speed" else (lambda r: r[varied])
         tag = (lambda r: f"K={r['num_iter']}" if r["run"] == "mar_diffusion" else "AR") if sweep == "speed" else None
-        series = [(c["label"], [(at(r), r["fid"], tag(r) if tag else "") for r in pts.values()])
+        series = [(c["label"], [(at(r), r["fid"], tag(r) if tag else "") for _, r in sorted(pts.items())])
                   for c, pts in zip(cs, per_curve) if pts]
         os.makedirs(args.plots_dir, exist_ok=True)
         line_plot(png, series, title, xlabel, "FID", logx, data_ticks,
