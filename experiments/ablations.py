@@ -24,7 +24,11 @@ diffusion steps (Table 1's --num_sampling_steps), temperature 1.0, the linear CF
   mlp          Table 4: Diffusion Loss MLP widths --widths at the default depth (2), each a training run
                of Table 1's budget (the 256 run is Table 1's "mar_diffusion"; the others train.py
                --diffloss_w W into RUNS_DIR/t1_mar_tiny_diffusion_wW). FID w/o and w/ CFG, the head's
-               parameters, sampling time. Paper: even a small MLP is competitive; width helps.
+               parameters, sampling time. Paper: even a small MLP is competitive; width helps. Its widths
+               256 / 512 / 1024 are 0.25-1x MAR-L's Transformer width (1024); this one is 128 wide and
+               its default head already 256, so the grid is 64 / 128 / 256 / 512 (0.5-4x): a 1024 head
+               (14M of the model's 15M parameters) would train for ~12 h of one core here, 15x the
+               default run (measured: its first steps; the 512 run trains at ~12 images/s, ~3 h).
   speed        Fig. 7: FID vs seconds per image, MAR at --num_iter_grid generation steps and the causal
                AR raster run "ar_diffusion" (49 steps, KV cache), both w/ CFG (the paper's figure is).
   tokenizers   Table 2 analogue, a table of Table 1's numbers (experiments/table1.jsonl), nothing
@@ -56,9 +60,10 @@ point is N x (generation + Inception at ~6 images/s); the default generates at 0
 and 0.34-0.48 s/image w/ CFG, so a default point at N = 1,000 is ~5.5 min w/o CFG and ~8-11 min w/ CFG;
 the head's share of the generation grows with the diffusion steps and the width. New points per sweep
 (shared ones counted once), roughly: steps 10 (~1.5 h), temperature 8 (~1 h), cfg 10 (~1.5 h), speed 6
-(~1 h, plus the AR raster run if Table 1 has not trained it: ~50 min), mlp 4 (~1 h, plus the 512 and
-1024 training runs: 48 min for Table 1's 256 head, not measured for wider ones). About 6 hours of one
-core, half that on two processes; plus table1.py's cached reference features if missing (40 min).
+(~1 h, plus the AR raster run if Table 1 has not trained it: ~50 min), mlp 6 (~1.5 h, plus the 64,
+128 and 512 training runs: 48 min for Table 1's 256 head, ~3 h for 512, less than 48 min each for the
+narrow ones). About 10 hours of one core, half that on two processes; plus table1.py's cached reference
+features if missing (40 min).
 """
 import argparse
 import math
@@ -344,7 +349,7 @@ def get_args(argv=None):
     a("--steps_grid", type=ints, default="5,10,25,50,100,250", help="steps: diffusion sampling steps")
     a("--temperature_grid", type=floats, default="0.4,0.6,0.8,1.0,1.2", help="temperature: tau")
     a("--cfg_grid", type=floats, default="1.5,2,3,4,6,8", help="cfg: guidance scales besides 1.0 (Table 1's grid)")
-    a("--widths", type=ints, default="256,512,1024", help="mlp: Diffusion Loss MLP widths")
+    a("--widths", type=ints, default="64,128,256,512", help="mlp: Diffusion Loss MLP widths")
     a("--num_iter_grid", type=ints, default=f"1,2,4,8,{MAR_STEPS},{table1.SEQ_LEN}", help="speed: MAR steps")
     a("--max_steps", type=int, default=None, help="cap every training run (smoke tests only: not the protocol)")
     args = p.parse_args(argv)
