@@ -28,7 +28,7 @@ diffusion steps (Table 1's --num_sampling_steps), temperature 1.0, the linear CF
                256 / 512 / 1024 are 0.25-1x MAR-L's Transformer width (1024); this one is 128 wide and
                its default head already 256, so the grid is 64 / 128 / 256 / 512 (0.5-4x): a 1024 head
                (14M of the model's 15M parameters) would train for ~12 h of one core here, 15x the
-               default run (measured: its first steps; the 512 run trains at ~12 images/s, ~3 h).
+               default run (measured: its first steps; the 512 run: 2.5 h, a third of it on two threads).
   speed        Fig. 7: FID vs seconds per image, MAR at --num_iter_grid generation steps and the causal
                AR raster run "ar_diffusion" (49 steps, KV cache), both w/ CFG (the paper's figure is).
   tokenizers   Table 2 analogue, a table of Table 1's numbers (experiments/table1.jsonl), nothing
@@ -61,7 +61,7 @@ and 0.34-0.48 s/image w/ CFG, so a default point at N = 1,000 is ~5.5 min w/o CF
 the head's share of the generation grows with the diffusion steps and the width. New points per sweep
 (shared ones counted once), roughly: steps 10 (~1.5 h), temperature 8 (~1 h), cfg 10 (~1.5 h), speed 6
 (~1 h, plus the AR raster run if Table 1 has not trained it: ~50 min), mlp 6 (~1.5 h, plus the 64,
-128 and 512 training runs: 48 min for Table 1's 256 head, ~3 h for 512, less than 48 min each for the
+128 and 512 training runs: 48 min for Table 1's 256 head, 2.5 h for 512, less than 48 min each for the
 narrow ones). About 10 hours of one core, half that on two processes; plus table1.py's cached reference
 features if missing (40 min).
 """
