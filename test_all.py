@@ -1966,6 +1966,30 @@ def test_head_ceiling_benchmark(capsys):
     assert [r.split(":")[0] for r in rows] == ["cfg 1", "cfg 3"] and all("ceiling speedup" in r for r in rows)
 
 
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_flop_bound_counts_the_head_exactly(cfg, capsys):
+    """benchmarks/flop_bound.py: the head's counted FLOPs equal the closed form (cond_embed once per
+    token row, the time embedding once per step and call, every per-step Linear once per row and step;
+    under CFG two rows per token), the total adds the Transformer's, and a tiny run prints its bound."""
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import flop_bound
+    import head_ceiling
+    B, num_iter, steps = 3, 4, 5
+    model = build_model("mar_tiny", seq_len=9, token_dim=4, num_classes=3, num_sampling_steps=str(steps)).eval()
+    net = model.diffloss.net
+    Z, w = net.cond_embed.in_features, net.cond_embed.out_features
+    rows = B * model.seq_len * (1 if cfg == 1.0 else 2)                 # head rows over the whole generation
+    per_row_step = sum(i * o for i, o in head_ceiling.product_shapes(model.token_dim, w, len(net.res_blocks)))
+    time_embed = sum(m.in_features * m.out_features for m in net.time_embed.mlp if isinstance(m, nn.Linear))
+    expected = 2 * (rows * Z * w + num_iter * steps * time_embed + steps * rows * per_row_step)
+    total, head = flop_bound.count_flops(model, B, num_iter, cfg)
+    assert head == expected
+    assert total > head and "sample" not in vars(model.diffloss)       # the counting wrapper is gone again
+    flop_bound.main(["--seq_len", "9", "--token_dim", "4", "--num_classes", "3", "--num_sampling_steps", "3",
+                     "--batch", "2", "--num_iter", "3", "--gemm", "64", "--repeats", "1"])
+    assert "largest possible speedup" in capsys.readouterr().out
+
+
 # ==============================================================================================
 # Issue 11: no host synchronisation in MAR's masking; torch.compile of the sampler
 
