@@ -22,7 +22,7 @@ Every head has DiffLoss's interface and is registered as `diffloss`, so the mode
 
 gives (8, 256, 16) KL-16 tokens for tokenizer.py to decode. Sizes live in one table, `MODELS`, built
 with `build_model(name, **overrides)`; `param_groups` is the paper's weight-decay split for train.py.
-Tests: `python -m pytest test_all.py -q` (CPU, tiny configs).
+Tests: `python -m pytest` (CPU, tiny configs).
 """
 import math
 
@@ -84,7 +84,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm ViT block (FACTS "ViT block"): x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LayerNorm ViT block (timm's, as in the released code): x + Attn(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
@@ -123,7 +123,7 @@ def gather_rows(x, index):
 
 
 def init_transformer_weights(model):
-    """FACTS "Init": xavier-uniform linears with zero bias, LayerNorm (1, 0). The per-token head is
+    """The released code's init: xavier-uniform linears with zero bias, LayerNorm (1, 0). The per-token head is
     skipped: it keeps its own init (zero adaLN and output layers, so its blocks start as identity)."""
     for name, m in model.named_modules():
         if name.startswith("diffloss"):
@@ -136,11 +136,44 @@ def init_transformer_weights(model):
             nn.init.zeros_(m.bias)
 
 
+POS_EMBED_INITS = ("normal", "sincos")
+
+
+def sincos_2d(seq_len, dim):
+    """(seq_len, dim) 2D sin-cos position embedding of a square grid, row-major (MAE's fixed
+    embedding; Vaswani et al.'s 1D formula on each axis). The first dim/2 channels encode the row r,
+    the last dim/2 the column c, each as [sin(p w_0 .. p w_F-1), cos(p w_0 .. p w_F-1)] with
+    w_i = 10000^(-i/F), F = dim/4. The inner product of two positions' embeddings is
+    sum_i cos(w_i dr) + cos(w_i dc): it depends only on their offset (dr, dc) and is largest at 0, so
+    grid neighbours look alike from the first step on."""
+    side = math.isqrt(seq_len)
+    if side * side != seq_len or dim % 4:
+        raise ValueError(f"a 2D sin-cos embedding needs a square token grid and a width divisible by 4, "
+                         f"got seq_len {seq_len} and width {dim}")
+    w = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))      # (F,)
+    pos = torch.arange(seq_len, dtype=torch.float64)
+    axis = lambda p: torch.cat([(p[:, None] * w).sin(), (p[:, None] * w).cos()], dim=1)  # (seq, dim/2)
+    return torch.cat([axis(torch.div(pos, side, rounding_mode="floor")), axis(pos % side)], dim=1).float()
+
+
+def init_pos_embed(p, kind, skip=0):
+    """Initialise a learned position embedding p (1, skip + seq, D) in place. "normal": N(0, 0.02), the
+    released code's. "sincos": the token positions start from sincos_2d (then train as usual) and the
+    first `skip` (MAR's buffer) from N(0, 0.02): the grid's geometry is there from step 0 instead of
+    having to be learned from embeddings an order of magnitude below the content."""
+    if kind not in POS_EMBED_INITS:
+        raise ValueError(f"pos_embed_init must be one of {POS_EMBED_INITS}, got {kind!r}")
+    nn.init.normal_(p, std=0.02)
+    if kind == "sincos":
+        with torch.no_grad():
+            p[0, skip:] = sincos_2d(p.shape[1] - skip, p.shape[2])
+
+
 CFG_SCHEDULES = ("linear", "constant")
 
 
 def cfg_scale(cfg, cfg_schedule, mask_len, seq_len):
-    """Guidance scale of one generation step (FACTS "Generation"). "linear" grows with the number of
+    """Guidance scale of one generation step (the paper's linear schedule, after Muse). "linear" grows with the number of
     tokens known after the step: w_k = 1 + (w - 1) * (seq - mask_len) / seq, weak guidance while the
     image is mostly unknown; "constant" uses w at every step."""
     if cfg_schedule == "linear":
@@ -167,6 +200,373 @@ def _labels_or_random(model, bsz, labels, generator, device):
     if labels is None:
         return torch.randint(0, model.num_classes, (bsz,), device=device, generator=generator)
     return labels.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# MAR (Sec. 3.5): bidirectional masked autoregressive model, MAE-style encoder / decoder.
+
+def mar_schedule(seq_len, num_iter):
+    """The cosine masking schedule of generation (the paper's, after MaskGIT) as plain numbers.
+
+    Returns one (mask_len, num_pred) pair per step k: after step k, mask_len = floor(seq *
+    cos(pi/2 (k+1)/K)) tokens stay unknown, clamped to [1, still_masked - 1] so that every step
+    predicts at least one token and one is left for later; the last step predicts all that remain.
+    mask_len is the released value also at the last step (1), which is what linear CFG sees there.
+    """
+    if not 1 <= num_iter <= seq_len:
+        raise ValueError(f"num_iter must be in [1, seq_len={seq_len}], got {num_iter}")
+    steps, still = [], seq_len
+    for k in range(num_iter):
+        mask_len = math.floor(seq_len * math.cos(math.pi / 2 * (k + 1) / num_iter))
+        mask_len = max(1, min(still - 1, mask_len))
+        num_pred = still if k == num_iter - 1 else still - mask_len
+        steps.append((mask_len, num_pred))
+        still -= num_pred
+    return steps
+
+
+MASK_RATIO_LAWS = ("truncnorm", "uniform", "cosine")
+
+
+class MAR(nn.Module):
+    """Masked autoregressive model. Defaults = MAR-B on KL-16 ImageNet-256 tokens (16x16 x 16)."""
+
+    def __init__(self, seq_len=256, token_dim=16, num_classes=1000,
+                 encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                 decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12, mlp_ratio=4.0,
+                 buffer_size=64,           # extra encoder positions holding the class embedding: they
+                                           # give the encoder capacity when few tokens are known
+                 diffloss_d=6, diffloss_w=1024, num_sampling_steps="100",
+                 diffusion_batch_mul=4,    # each z is trained on 4 (t, noise) draws: the head is cheap
+                 label_drop_prob=0.1,      # classifier-free guidance training (class -> fake_latent)
+                 mask_ratio_law="truncnorm",   # training mask ratio: N(1, 0.25) truncated to [0.7, 1]
+                 mask_ratio_min=0.7,           # (see mask_count; uniform and cosine are options)
+                 pos_embed_init="normal",      # N(0, 0.02), or "sincos" (init_pos_embed)
+                 attn_dropout=0.1, proj_dropout=0.1, grad_checkpointing=False,
+                 clip_x0=None,                # bound of the token values, if any (pixels: 1.0), see DiffLoss
+                 head="diffusion",            # per-token head (HEADS): the Diffusion Loss, or a baseline
+                 num_codes=None):             # K of the VQ codebook, head="ce" only
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError("num_classes must be >= 1 (use 1 for an unconditional data set)")
+        if mask_ratio_law not in MASK_RATIO_LAWS:
+            raise ValueError(f"mask_ratio_law must be one of {MASK_RATIO_LAWS}, got {mask_ratio_law!r}")
+        self.seq_len, self.token_dim, self.num_classes = seq_len, token_dim, num_classes
+        self.mask_ratio_law, self.pos_embed_init = mask_ratio_law, pos_embed_init
+        self.buffer_size, self.diffusion_batch_mul = buffer_size, _batch_mul(head, diffusion_batch_mul)
+        self.label_drop_prob, self.mask_ratio_min = label_drop_prob, mask_ratio_min
+        self.grad_checkpointing = grad_checkpointing
+        E, D = encoder_embed_dim, decoder_embed_dim
+        # Registration order = the released state dict's order.
+        self.fake_latent = nn.Parameter(torch.zeros(1, E))          # the "no class" embedding
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buffer_size + seq_len, E))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buffer_size + seq_len, D))
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, D))
+        self.class_emb = nn.Embedding(num_classes, E)
+        self.z_proj = nn.Linear(token_dim, E)
+        self.z_proj_ln = nn.LayerNorm(E, eps=1e-6)
+        self.encoder_blocks = nn.ModuleList([Block(E, encoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
+                                             for _ in range(encoder_depth)])
+        self.encoder_norm = nn.LayerNorm(E, eps=1e-6)
+        self.decoder_embed = nn.Linear(E, D)
+        self.decoder_blocks = nn.ModuleList([Block(D, decoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
+        # The per-token head; named `diffloss` whatever its kind, as in the released weights.
+        self.diffloss = make_head(head, token_dim, D, diffloss_d, diffloss_w, num_sampling_steps,
+                                  grad_checkpointing, clip_x0, num_codes)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token):
+            nn.init.normal_(p, std=0.02)
+        init_pos_embed(self.encoder_pos_embed_learned, self.pos_embed_init, self.buffer_size)
+        init_pos_embed(self.decoder_pos_embed_learned, self.pos_embed_init, self.buffer_size)
+        init_pos_embed(self.diffusion_pos_embed_learned, self.pos_embed_init)
+        init_transformer_weights(self)
+
+    # -- the paper's steps ---------------------------------------------------------------------
+
+    def class_embedding(self, labels, batch):
+        """(B, E) class vectors; labels None -> fake_latent (unconditional). In training each label is
+        replaced by fake_latent with p = label_drop_prob, so the model also learns p(x) for CFG."""
+        if labels is None:
+            return self.fake_latent.expand(batch, -1)
+        emb = self.class_emb(labels)
+        if self.training and self.label_drop_prob > 0:
+            drop = torch.rand(batch, device=emb.device) < self.label_drop_prob
+            emb = torch.where(drop[:, None], self.fake_latent.to(emb.dtype), emb)
+        return emb
+
+    def mask_count(self):
+        """Tokens masked in one training batch: ceil(seq * ratio), one ratio per batch (as released),
+        drawn from one uniform u by the mask_ratio_law:
+          "truncnorm"  the paper's: N(1, 0.25) truncated to [mask_ratio_min, 1] (inverse CDF of u). With
+                       0.7 the model never trains with more than 30% of the tokens known, though a
+                       generation conditions on up to all but one.
+          "uniform"    ratio = u: the count is uniform on 1..seq, every generation step's case as often.
+          "cosine"     ratio = cos(pi/2 u): the distribution of the unknown fraction before a step of the
+                       cosine generation schedule (mar_schedule) taken at a uniformly random point, as
+                       MaskGIT trains.
+        Drawn on the CPU as a Python int (torch RNG), so the masked/known split has a static shape with
+        no device-to-host read."""
+        u = torch.rand((), dtype=torch.float64)
+        if self.mask_ratio_law == "uniform":
+            ratio = float(u)
+        elif self.mask_ratio_law == "cosine":
+            ratio = math.cos(math.pi / 2 * float(u))
+        else:
+            mu, std = 1.0, 0.25
+            cdf = lambda v: torch.special.ndtr(torch.tensor((v - mu) / std, dtype=torch.float64))
+            lo, hi = cdf(self.mask_ratio_min), cdf(1.0)
+            ratio = float((mu + std * torch.special.ndtri(lo + (hi - lo) * u)).clamp(self.mask_ratio_min, 1.0))
+        # at least one token: a ratio near 0 (short sequences) must still leave a loss
+        return max(1, math.ceil(self.seq_len * ratio))
+
+    def random_mask(self, batch, device, num_masked=None):
+        """Training mask (B, seq), 1 = unknown: the first num_masked positions (default: a fresh
+        mask_count()) of a per-sample random permutation are masked."""
+        num_masked = self.mask_count() if num_masked is None else num_masked
+        order = torch.rand(batch, self.seq_len, device=device).argsort(dim=1)   # (B, seq) permutations
+        mask = torch.zeros(batch, self.seq_len, device=device)
+        return mask.scatter_(1, order[:, :num_masked], 1.0)
+
+    def forward_encoder(self, tokens, keep, cls):
+        """Known tokens -> encoder features. tokens (B, seq, C), keep (B, 64+known) = keep_index(),
+        cls (B, E)."""
+        B = tokens.shape[0]
+        x = self.z_proj(tokens)                                                  # (B, seq, E)
+        buffer = cls.to(x.dtype)[:, None].expand(B, self.buffer_size, -1)       # (B, 64, E)
+        x = torch.cat([buffer, x], dim=1) + self.encoder_pos_embed_learned      # (B, 64+seq, E)
+        x = self.z_proj_ln(x)
+        # Drop the unknown tokens (after the LayerNorm, as released): the encoder never sees them,
+        # so masked values cannot leak into z. Every row keeps the same number of tokens.
+        x = gather_rows(x, keep)                                                 # (B, 64+known, E)
+        x = run_blocks(self.encoder_blocks, x, self.grad_checkpointing and self.training)
+        return self.encoder_norm(x)
+
+    def forward_decoder(self, x, keep):
+        """Encoder features -> z. Unknown positions get mask_token; the buffer is dropped at the end."""
+        x = self.decoder_embed(x)                                                # (B, 64+known, D)
+        full = self.mask_token.to(x.dtype).repeat(x.shape[0], self.buffer_size + self.seq_len, 1)  # (B, 64+seq, D)
+        full = full.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), x)
+        x = full + self.decoder_pos_embed_learned
+        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing and self.training)
+        x = self.decoder_norm(x)[:, self.buffer_size:]                           # (B, seq, D)
+        # A position embedding for the head: z must say which token it is the condition for.
+        return x + self.diffusion_pos_embed_learned
+
+    def forward_z(self, tokens, mask, labels=None, num_masked=None):
+        """z = f(known tokens): tokens (B, seq, C), mask (B, seq) 1 = unknown (same count per row),
+        labels (B,) or None (unconditional, fake_latent) -> z (B, seq, D), one vector per token.
+        num_masked: the count per row if the caller knows it (training, generation); None reads it
+        off the mask and checks it, which waits for the device."""
+        if num_masked is None:
+            counts = mask.sum(dim=1)
+            if (counts != counts[0]).any():
+                raise ValueError("every row of the mask must hide the same number of tokens")
+            num_masked = int(counts[0])
+        return self._forward_z(tokens, mask, self.class_embedding(labels, tokens.shape[0]), num_masked)
+
+    def _forward_z(self, tokens, mask, cls, num_masked):
+        if tokens.shape[1:] != (self.seq_len, self.token_dim) or mask.shape != tokens.shape[:2]:
+            raise ValueError(f"expected tokens (B, {self.seq_len}, {self.token_dim}) and mask (B, "
+                             f"{self.seq_len}), got {tuple(tokens.shape)} and {tuple(mask.shape)}")
+        keep = self.keep_index(mask, num_masked)                                 # (B, 64+known)
+        return self.forward_decoder(self.forward_encoder(tokens, keep, cls), keep)
+
+    def keep_index(self, mask, num_masked):
+        """(B, buffer + seq - num_masked) positions in the (buffer + seq) sequence of the buffer and the
+        known tokens, ascending: boolean indexing's elements in its order, with a shape fixed by the
+        host-side count (no device-to-host read; one graph for torch.compile)."""
+        buffer = torch.ones(mask.shape[0], self.buffer_size, dtype=torch.bool, device=mask.device)
+        return index_of(torch.cat([buffer, mask == 0], dim=1), self.buffer_size + mask.shape[1] - num_masked)
+
+    def forward_loss(self, z, target, mask):
+        """Diffusion Loss on the masked tokens, each repeated diffusion_batch_mul times (Sec. 3.2)."""
+        B, L, C = target.shape
+        m = self.diffusion_batch_mul
+        return self.diffloss(target.reshape(B * L, C).repeat(m, 1), z.reshape(B * L, -1).repeat(m, 1),
+                             mask.reshape(B * L).repeat(m))
+
+    def forward(self, tokens, labels):
+        """One training step's loss: random mask, z from the known tokens, loss on the unknown ones.
+        tokens (B, seq, C); labels (B,) long (an unconditional data set: num_classes=1, all zeros, so
+        that label drop still trains fake_latent and sampling with random labels stays consistent)."""
+        num_masked = self.mask_count()
+        mask = self.random_mask(tokens.shape[0], tokens.device, num_masked)     # (B, seq)
+        return self.forward_loss(self.forward_z(tokens, mask, labels, num_masked), tokens, mask)
+
+    # -- generation (Sec. 3.5, Fig. 3) ---------------------------------------------------------
+
+    def compile_sampler(self):
+        """torch.compile the generation loop's two halves: z from the known tokens (the Transformer,
+        one graph; the known count is a dynamic size) and the Diffusion Loss sampler's step. The
+        loops stay in Python. Same samples as eager up to float rounding (test_all.py)."""
+        self.diffloss.compile_sampler()
+        self._forward_z = torch.compile(self._forward_z, dynamic=True, fullgraph=True)  # shadows the method
+
+    @torch.no_grad()
+    def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None,
+                      temperature=1.0, generator=None):
+        """Generate (bsz, seq, C) tokens in num_iter steps. Call model.eval() first.
+
+        Each sample has its own random order; step k predicts the tokens between the schedule's
+        mask lengths (mar_schedule). labels None -> random classes; cfg != 1 runs a conditional and
+        an unconditional (fake_latent) pass per step. All randomness (labels, orders, diffusion
+        noise) comes from `generator`, a torch.Generator on the model's device, if given."""
+        _check_sampling_args(bsz, cfg_schedule, labels, temperature)
+        device, L = self.fake_latent.device, self.seq_len
+        labels = _labels_or_random(self, bsz, labels, generator, device)
+        guided = cfg != 1.0
+        both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)       # [cond; uncond] copies
+        cls = self.class_emb(labels)                                             # (B, E)
+        if guided:
+            cls = torch.cat([cls, self.fake_latent.expand(bsz, -1)])             # (2B, E) [cond; uncond]
+        orders = torch.rand(bsz, L, device=device, generator=generator).argsort(dim=1)  # (B, seq)
+        rank = orders.argsort(dim=1)                            # rank[b, pos]: where pos is in b's order
+        tokens = torch.zeros(bsz, L, self.token_dim, device=device)
+        mask = torch.ones(bsz, L, device=device)                                 # 1 = unknown
+        steps, still = mar_schedule(L, num_iter), L                            # still: unknown per row
+        for k, (mask_len, num_pred) in enumerate(steps):
+            z = self._forward_z(both(tokens), both(mask), cls, still)            # (B or 2B, seq, D)
+            # Still unknown after this step: the first mask_len positions of each order.
+            mask_next = rank < (mask_len if k < num_iter - 1 else 0)              # (B, seq) bool
+            to_pred = mask.bool() & ~mask_next                                    # num_pred per row
+            pred = index_of(to_pred, num_pred)                                    # (B, num_pred) ascending
+            w = cfg_scale(cfg, cfg_schedule, mask_len, L) if guided else 1.0
+            z = gather_rows(z, both(pred)).reshape(-1, z.shape[-1])               # rows [cond; uncond]
+            new = self.diffloss.sample(z, temperature, w, generator)[:bsz * num_pred]  # cond half under CFG
+            tokens.scatter_(1, pred[..., None].expand(-1, -1, self.token_dim),
+                            new.reshape(bsz, num_pred, -1).to(tokens.dtype))
+            mask, still = mask_next.float(), still - num_pred
+        return tokens
+
+
+# ==============================================================================================
+# The baselines of Table 1, not in the released code: the causal AR (rows "AR, raster" and "AR,
+# random") and the per-token heads that replace the Diffusion Loss (CrossEnt over VQ codes, L2).
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Causal AR (Sec. 3.4): decoder-only Transformer, one token per step.
+
+class AR(nn.Module):
+    """Decoder-only causal Transformer with the same Diffusion Loss head.
+
+    Slot i of the input predicts the i-th token of the generation order o (o = 0..seq-1 for
+    "raster", a fresh permutation per sample for "random"):
+        input_i = (class vector if i = 0 else z_proj(x[o_{i-1}]) + pos[o_{i-1}]) + target_pos[o_i]
+    i.e. the input is shifted by one (class token first, teacher forcing in training), `pos` says
+    where each known token lies and `target_pos` tells the model which position comes next, which a
+    random order needs (for raster it is the usual absolute position embedding).
+    """
+
+    def __init__(self, seq_len=256, token_dim=16, num_classes=1000, embed_dim=768, depth=24, num_heads=12,
+                 mlp_ratio=4.0, order="raster", diffloss_d=6, diffloss_w=1024, num_sampling_steps="100",
+                 diffusion_batch_mul=4, label_drop_prob=0.1, attn_dropout=0.1, proj_dropout=0.1,
+                 grad_checkpointing=False, clip_x0=None, head="diffusion", num_codes=None,
+                 pos_embed_init="normal"):
+        super().__init__()
+        if order not in ("raster", "random"):
+            raise ValueError(f"order must be 'raster' or 'random', got {order!r}")
+        if num_classes < 1:
+            raise ValueError("num_classes must be >= 1 (use 1 for an unconditional data set)")
+        self.seq_len, self.token_dim, self.num_classes, self.order = seq_len, token_dim, num_classes, order
+        self.pos_embed_init = pos_embed_init
+        self.diffusion_batch_mul, self.label_drop_prob = _batch_mul(head, diffusion_batch_mul), label_drop_prob
+        self.grad_checkpointing = grad_checkpointing
+        self.fake_latent = nn.Parameter(torch.zeros(1, embed_dim))
+        self.pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, embed_dim))
+        self.target_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, embed_dim))
+        self.class_emb = nn.Embedding(num_classes, embed_dim)
+        self.z_proj = nn.Linear(token_dim, embed_dim)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, attn_dropout, proj_dropout)
+                                     for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        # The per-token head (see MAR); named `diffloss` whatever its kind.
+        self.diffloss = make_head(head, token_dim, embed_dim, diffloss_d, diffloss_w, num_sampling_steps,
+                                  grad_checkpointing, clip_x0, num_codes)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for p in (self.class_emb.weight, self.fake_latent):
+            nn.init.normal_(p, std=0.02)
+        init_pos_embed(self.pos_embed_learned, self.pos_embed_init)
+        init_pos_embed(self.target_pos_embed_learned, self.pos_embed_init)
+        init_transformer_weights(self)
+
+    class_embedding = MAR.class_embedding   # same label drop / fake_latent rule as MAR
+
+    def generation_order(self, batch, device, generator=None):
+        """(B, seq) order in which tokens are predicted."""
+        if self.order == "raster":
+            return torch.arange(self.seq_len, device=device).expand(batch, -1)
+        return torch.rand(batch, self.seq_len, device=device, generator=generator).argsort(dim=1)
+
+    def embed(self, cls, tokens_ord, orders, start, end):
+        """Input embeddings of slots start..end-1. cls (B, D); tokens_ord (B, >= end-1, C) tokens in
+        generation order; orders (B, seq)."""
+        lo = max(start, 1) - 1                                     # first token needed (slot i uses i-1)
+        x = self.z_proj(tokens_ord[:, lo:end - 1]) + self.pos_embed_learned[0][orders[:, lo:end - 1]]
+        if start == 0:
+            x = torch.cat([cls.to(x.dtype)[:, None], x], dim=1)                 # class token first
+        return x + self.target_pos_embed_learned[0][orders[:, start:end]]     # (B, end-start, D)
+
+    def forward_z(self, tokens, labels=None, orders=None):
+        """Teacher forcing: tokens (B, seq, C) -> z (B, seq, D) in generation order, z[:, i] being the
+        condition for token orders[:, i] and computed from the tokens before it in the order only."""
+        if tokens.shape[1:] != (self.seq_len, self.token_dim):
+            raise ValueError(f"expected tokens (B, {self.seq_len}, {self.token_dim}), got {tuple(tokens.shape)}")
+        B, L, C = tokens.shape
+        orders = self.generation_order(B, tokens.device) if orders is None else orders
+        tokens_ord = tokens.gather(1, orders[..., None].expand(-1, -1, C))      # (B, seq, C)
+        x = self.embed(self.class_embedding(labels, B), tokens_ord, orders, 0, L)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing and self.training, causal=True)
+        return self.norm(x)
+
+    def forward(self, tokens, labels):
+        """Training loss: every token predicted from its predecessors (average over all tokens)."""
+        B, L, C = tokens.shape
+        orders = self.generation_order(B, tokens.device)
+        z = self.forward_z(tokens, labels, orders)                               # (B, seq, D)
+        target = tokens.gather(1, orders[..., None].expand(-1, -1, C))           # same order as z
+        m = self.diffusion_batch_mul
+        return self.diffloss(target.reshape(B * L, C).repeat(m, 1), z.reshape(B * L, -1).repeat(m, 1))
+
+    def compile_sampler(self):
+        """torch.compile the Diffusion Loss sampler's step only: with the KV cache every step sees
+        caches of a new length, a dict mutated in place, which torch.compile does not capture whole."""
+        self.diffloss.compile_sampler()
+
+    @torch.no_grad()
+    def sample_tokens(self, bsz, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
+                      generator=None, use_cache=True):
+        """Generate (bsz, seq, C) tokens one at a time. Call model.eval() first.
+
+        use_cache=True keeps each layer's keys/values so a step only processes the newest slot;
+        use_cache=False recomputes the whole causal prefix each step (same result; for testing).
+        Linear CFG: w = 1 + (cfg - 1) * (tokens known after the step) / seq, as MAR's rule."""
+        _check_sampling_args(bsz, cfg_schedule, labels, temperature)
+        device, L, C = self.fake_latent.device, self.seq_len, self.token_dim
+        labels = _labels_or_random(self, bsz, labels, generator, device)
+        guided = cfg != 1.0
+        both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
+        cls = self.class_emb(labels)
+        if guided:
+            cls = torch.cat([cls, self.fake_latent.expand(bsz, -1)])             # (2B, D) [cond; uncond]
+        orders = self.generation_order(bsz, device, generator)                   # (B, seq)
+        tokens_ord = torch.zeros(bsz, L, C, device=device)
+        caches = [{} for _ in self.blocks] if use_cache else None
+        for k in range(L):
+            start = k if use_cache else 0
+            x = self.embed(cls, both(tokens_ord), both(orders), start, k + 1)   # (B or 2B, k+1-start, D)
+            z = self.norm(run_blocks(self.blocks, x, False, causal=True, caches=caches)[:, -1])
+            w = cfg_scale(cfg, cfg_schedule, L - k - 1, L) if guided else 1.0
+            tokens_ord[:, k] = self.diffloss.sample(z, temperature, w, generator)[:bsz].to(tokens_ord.dtype)
+        # back from generation order to raster positions
+        return torch.zeros_like(tokens_ord).scatter_(1, orders[..., None].expand(-1, -1, C), tokens_ord)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,341 +705,7 @@ def make_head(head, token_dim, z_channels, depth, width, num_sampling_steps, gra
 
 
 # ----------------------------------------------------------------------------------------------
-# MAR (Sec. 3.5): bidirectional masked autoregressive model, MAE-style encoder / decoder.
-
-def mar_schedule(seq_len, num_iter):
-    """The cosine masking schedule of generation as plain numbers (FACTS "Generation").
-
-    Returns one (mask_len, num_pred) pair per step k: after step k, mask_len = floor(seq *
-    cos(pi/2 (k+1)/K)) tokens stay unknown, clamped to [1, still_masked - 1] so that every step
-    predicts at least one token and one is left for later; the last step predicts all that remain.
-    mask_len is the released value also at the last step (1), which is what linear CFG sees there.
-    """
-    if not 1 <= num_iter <= seq_len:
-        raise ValueError(f"num_iter must be in [1, seq_len={seq_len}], got {num_iter}")
-    steps, still = [], seq_len
-    for k in range(num_iter):
-        mask_len = math.floor(seq_len * math.cos(math.pi / 2 * (k + 1) / num_iter))
-        mask_len = max(1, min(still - 1, mask_len))
-        num_pred = still if k == num_iter - 1 else still - mask_len
-        steps.append((mask_len, num_pred))
-        still -= num_pred
-    return steps
-
-
-class MAR(nn.Module):
-    """Masked autoregressive model. Defaults = MAR-B on KL-16 ImageNet-256 tokens (16x16 x 16)."""
-
-    def __init__(self, seq_len=256, token_dim=16, num_classes=1000,
-                 encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
-                 decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12, mlp_ratio=4.0,
-                 buffer_size=64,           # extra encoder positions holding the class embedding: they
-                                           # give the encoder capacity when few tokens are known
-                 diffloss_d=6, diffloss_w=1024, num_sampling_steps="100",
-                 diffusion_batch_mul=4,    # each z is trained on 4 (t, noise) draws: the head is cheap
-                 label_drop_prob=0.1,      # classifier-free guidance training (class -> fake_latent)
-                 mask_ratio_min=0.7,       # masking ratio ~ N(1, 0.25) truncated to [0.7, 1]
-                 attn_dropout=0.1, proj_dropout=0.1, grad_checkpointing=False,
-                 clip_x0=None,                # bound of the token values, if any (pixels: 1.0), see DiffLoss
-                 head="diffusion",            # per-token head (HEADS): the Diffusion Loss, or a baseline
-                 num_codes=None):             # K of the VQ codebook, head="ce" only
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError("num_classes must be >= 1 (use 1 for an unconditional data set)")
-        self.seq_len, self.token_dim, self.num_classes = seq_len, token_dim, num_classes
-        self.buffer_size, self.diffusion_batch_mul = buffer_size, _batch_mul(head, diffusion_batch_mul)
-        self.label_drop_prob, self.mask_ratio_min = label_drop_prob, mask_ratio_min
-        self.grad_checkpointing = grad_checkpointing
-        E, D = encoder_embed_dim, decoder_embed_dim
-        # Registration order = the released state dict's order.
-        self.fake_latent = nn.Parameter(torch.zeros(1, E))          # the "no class" embedding
-        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buffer_size + seq_len, E))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buffer_size + seq_len, D))
-        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, D))
-        self.class_emb = nn.Embedding(num_classes, E)
-        self.z_proj = nn.Linear(token_dim, E)
-        self.z_proj_ln = nn.LayerNorm(E, eps=1e-6)
-        self.encoder_blocks = nn.ModuleList([Block(E, encoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
-                                             for _ in range(encoder_depth)])
-        self.encoder_norm = nn.LayerNorm(E, eps=1e-6)
-        self.decoder_embed = nn.Linear(E, D)
-        self.decoder_blocks = nn.ModuleList([Block(D, decoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
-                                             for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
-        # The per-token head; named `diffloss` whatever its kind, as in the released weights.
-        self.diffloss = make_head(head, token_dim, D, diffloss_d, diffloss_w, num_sampling_steps,
-                                  grad_checkpointing, clip_x0, num_codes)
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
-                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
-            nn.init.normal_(p, std=0.02)
-        init_transformer_weights(self)
-
-    # -- the paper's steps ---------------------------------------------------------------------
-
-    def class_embedding(self, labels, batch):
-        """(B, E) class vectors; labels None -> fake_latent (unconditional). In training each label is
-        replaced by fake_latent with p = label_drop_prob, so the model also learns p(x) for CFG."""
-        if labels is None:
-            return self.fake_latent.expand(batch, -1)
-        emb = self.class_emb(labels)
-        if self.training and self.label_drop_prob > 0:
-            drop = torch.rand(batch, device=emb.device) < self.label_drop_prob
-            emb = torch.where(drop[:, None], self.fake_latent.to(emb.dtype), emb)
-        return emb
-
-    def mask_count(self):
-        """Tokens masked in one training batch: ceil(seq * ratio), one ratio per batch from N(1, 0.25)
-        truncated to [mask_ratio_min, 1] (inverse-CDF sampling, torch RNG). Drawn on the CPU as a
-        Python int, so the masked/known split has a static shape with no device-to-host read."""
-        mu, std = 1.0, 0.25
-        cdf = lambda v: torch.special.ndtr(torch.tensor((v - mu) / std, dtype=torch.float64))
-        lo, hi = cdf(self.mask_ratio_min), cdf(1.0)
-        ratio = mu + std * torch.special.ndtri(lo + (hi - lo) * torch.rand((), dtype=torch.float64))
-        # at least one token: a ratio near 0 (mask_ratio_min = 0, short sequences) must still leave a loss
-        return max(1, math.ceil(self.seq_len * float(ratio.clamp(self.mask_ratio_min, 1.0))))
-
-    def random_mask(self, batch, device, num_masked=None):
-        """Training mask (B, seq), 1 = unknown: the first num_masked positions (default: a fresh
-        mask_count()) of a per-sample random permutation are masked."""
-        num_masked = self.mask_count() if num_masked is None else num_masked
-        order = torch.rand(batch, self.seq_len, device=device).argsort(dim=1)   # (B, seq) permutations
-        mask = torch.zeros(batch, self.seq_len, device=device)
-        return mask.scatter_(1, order[:, :num_masked], 1.0)
-
-    def forward_encoder(self, tokens, keep, cls):
-        """Known tokens -> encoder features. tokens (B, seq, C), keep (B, 64+known) = keep_index(),
-        cls (B, E)."""
-        B = tokens.shape[0]
-        x = self.z_proj(tokens)                                                  # (B, seq, E)
-        buffer = cls.to(x.dtype)[:, None].expand(B, self.buffer_size, -1)       # (B, 64, E)
-        x = torch.cat([buffer, x], dim=1) + self.encoder_pos_embed_learned      # (B, 64+seq, E)
-        x = self.z_proj_ln(x)
-        # Drop the unknown tokens (after the LayerNorm, as released): the encoder never sees them,
-        # so masked values cannot leak into z. Every row keeps the same number of tokens.
-        x = gather_rows(x, keep)                                                 # (B, 64+known, E)
-        x = run_blocks(self.encoder_blocks, x, self.grad_checkpointing and self.training)
-        return self.encoder_norm(x)
-
-    def forward_decoder(self, x, keep):
-        """Encoder features -> z. Unknown positions get mask_token; the buffer is dropped at the end."""
-        x = self.decoder_embed(x)                                                # (B, 64+known, D)
-        full = self.mask_token.to(x.dtype).repeat(x.shape[0], self.buffer_size + self.seq_len, 1)  # (B, 64+seq, D)
-        full = full.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), x)
-        x = full + self.decoder_pos_embed_learned
-        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing and self.training)
-        x = self.decoder_norm(x)[:, self.buffer_size:]                           # (B, seq, D)
-        # A position embedding for the head: z must say which token it is the condition for.
-        return x + self.diffusion_pos_embed_learned
-
-    def forward_z(self, tokens, mask, labels=None, num_masked=None):
-        """z = f(known tokens): tokens (B, seq, C), mask (B, seq) 1 = unknown (same count per row),
-        labels (B,) or None (unconditional, fake_latent) -> z (B, seq, D), one vector per token.
-        num_masked: the count per row if the caller knows it (training, generation); None reads it
-        off the mask and checks it, which waits for the device."""
-        if num_masked is None:
-            counts = mask.sum(dim=1)
-            if (counts != counts[0]).any():
-                raise ValueError("every row of the mask must hide the same number of tokens")
-            num_masked = int(counts[0])
-        return self._forward_z(tokens, mask, self.class_embedding(labels, tokens.shape[0]), num_masked)
-
-    def _forward_z(self, tokens, mask, cls, num_masked):
-        if tokens.shape[1:] != (self.seq_len, self.token_dim) or mask.shape != tokens.shape[:2]:
-            raise ValueError(f"expected tokens (B, {self.seq_len}, {self.token_dim}) and mask (B, "
-                             f"{self.seq_len}), got {tuple(tokens.shape)} and {tuple(mask.shape)}")
-        keep = self.keep_index(mask, num_masked)                                 # (B, 64+known)
-        return self.forward_decoder(self.forward_encoder(tokens, keep, cls), keep)
-
-    def keep_index(self, mask, num_masked):
-        """(B, buffer + seq - num_masked) positions in the (buffer + seq) sequence of the buffer and the
-        known tokens, ascending: boolean indexing's elements in its order, with a shape fixed by the
-        host-side count (no device-to-host read; one graph for torch.compile)."""
-        buffer = torch.ones(mask.shape[0], self.buffer_size, dtype=torch.bool, device=mask.device)
-        return index_of(torch.cat([buffer, mask == 0], dim=1), self.buffer_size + mask.shape[1] - num_masked)
-
-    def forward_loss(self, z, target, mask):
-        """Diffusion Loss on the masked tokens, each repeated diffusion_batch_mul times (Sec. 3.2)."""
-        B, L, C = target.shape
-        m = self.diffusion_batch_mul
-        return self.diffloss(target.reshape(B * L, C).repeat(m, 1), z.reshape(B * L, -1).repeat(m, 1),
-                             mask.reshape(B * L).repeat(m))
-
-    def forward(self, tokens, labels):
-        """One training step's loss: random mask, z from the known tokens, loss on the unknown ones.
-        tokens (B, seq, C); labels (B,) long (an unconditional data set: num_classes=1, all zeros, so
-        that label drop still trains fake_latent and sampling with random labels stays consistent)."""
-        num_masked = self.mask_count()
-        mask = self.random_mask(tokens.shape[0], tokens.device, num_masked)     # (B, seq)
-        return self.forward_loss(self.forward_z(tokens, mask, labels, num_masked), tokens, mask)
-
-    # -- generation (Sec. 3.5, Fig. 3) ---------------------------------------------------------
-
-    def compile_sampler(self):
-        """torch.compile the generation loop's two halves: z from the known tokens (the Transformer,
-        one graph; the known count is a dynamic size) and the Diffusion Loss sampler's step. The
-        loops stay in Python. Same samples as eager up to float rounding (test_all.py)."""
-        self.diffloss.compile_sampler()
-        self._forward_z = torch.compile(self._forward_z, dynamic=True, fullgraph=True)  # shadows the method
-
-    @torch.no_grad()
-    def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None,
-                      temperature=1.0, generator=None):
-        """Generate (bsz, seq, C) tokens in num_iter steps. Call model.eval() first.
-
-        Each sample has its own random order; step k predicts the tokens between the schedule's
-        mask lengths (mar_schedule). labels None -> random classes; cfg != 1 runs a conditional and
-        an unconditional (fake_latent) pass per step. All randomness (labels, orders, diffusion
-        noise) comes from `generator`, a torch.Generator on the model's device, if given."""
-        _check_sampling_args(bsz, cfg_schedule, labels, temperature)
-        device, L = self.fake_latent.device, self.seq_len
-        labels = _labels_or_random(self, bsz, labels, generator, device)
-        guided = cfg != 1.0
-        both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)       # [cond; uncond] copies
-        cls = self.class_emb(labels)                                             # (B, E)
-        if guided:
-            cls = torch.cat([cls, self.fake_latent.expand(bsz, -1)])             # (2B, E) [cond; uncond]
-        orders = torch.rand(bsz, L, device=device, generator=generator).argsort(dim=1)  # (B, seq)
-        rank = orders.argsort(dim=1)                            # rank[b, pos]: where pos is in b's order
-        tokens = torch.zeros(bsz, L, self.token_dim, device=device)
-        mask = torch.ones(bsz, L, device=device)                                 # 1 = unknown
-        steps, still = mar_schedule(L, num_iter), L                            # still: unknown per row
-        for k, (mask_len, num_pred) in enumerate(steps):
-            z = self._forward_z(both(tokens), both(mask), cls, still)            # (B or 2B, seq, D)
-            # Still unknown after this step: the first mask_len positions of each order.
-            mask_next = rank < (mask_len if k < num_iter - 1 else 0)              # (B, seq) bool
-            to_pred = mask.bool() & ~mask_next                                    # num_pred per row
-            pred = index_of(to_pred, num_pred)                                    # (B, num_pred) ascending
-            w = cfg_scale(cfg, cfg_schedule, mask_len, L) if guided else 1.0
-            z = gather_rows(z, both(pred)).reshape(-1, z.shape[-1])               # rows [cond; uncond]
-            new = self.diffloss.sample(z, temperature, w, generator)[:bsz * num_pred]  # cond half under CFG
-            tokens.scatter_(1, pred[..., None].expand(-1, -1, self.token_dim),
-                            new.reshape(bsz, num_pred, -1).to(tokens.dtype))
-            mask, still = mask_next.float(), still - num_pred
-        return tokens
-
-
-# ----------------------------------------------------------------------------------------------
-# Causal AR (Sec. 3.4, Table 1 rows "AR, raster" and "AR, random"): not in the released code.
-
-class AR(nn.Module):
-    """Decoder-only causal Transformer with the same Diffusion Loss head.
-
-    Slot i of the input predicts the i-th token of the generation order o (o = 0..seq-1 for
-    "raster", a fresh permutation per sample for "random"):
-        input_i = (class vector if i = 0 else z_proj(x[o_{i-1}]) + pos[o_{i-1}]) + target_pos[o_i]
-    i.e. the input is shifted by one (class token first, teacher forcing in training), `pos` says
-    where each known token lies and `target_pos` tells the model which position comes next, which a
-    random order needs (for raster it is the usual absolute position embedding).
-    """
-
-    def __init__(self, seq_len=256, token_dim=16, num_classes=1000, embed_dim=768, depth=24, num_heads=12,
-                 mlp_ratio=4.0, order="raster", diffloss_d=6, diffloss_w=1024, num_sampling_steps="100",
-                 diffusion_batch_mul=4, label_drop_prob=0.1, attn_dropout=0.1, proj_dropout=0.1,
-                 grad_checkpointing=False, clip_x0=None, head="diffusion", num_codes=None):
-        super().__init__()
-        if order not in ("raster", "random"):
-            raise ValueError(f"order must be 'raster' or 'random', got {order!r}")
-        if num_classes < 1:
-            raise ValueError("num_classes must be >= 1 (use 1 for an unconditional data set)")
-        self.seq_len, self.token_dim, self.num_classes, self.order = seq_len, token_dim, num_classes, order
-        self.diffusion_batch_mul, self.label_drop_prob = _batch_mul(head, diffusion_batch_mul), label_drop_prob
-        self.grad_checkpointing = grad_checkpointing
-        self.fake_latent = nn.Parameter(torch.zeros(1, embed_dim))
-        self.pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, embed_dim))
-        self.target_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, embed_dim))
-        self.class_emb = nn.Embedding(num_classes, embed_dim)
-        self.z_proj = nn.Linear(token_dim, embed_dim)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, attn_dropout, proj_dropout)
-                                     for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        # The per-token head (see MAR); named `diffloss` whatever its kind.
-        self.diffloss = make_head(head, token_dim, embed_dim, diffloss_d, diffloss_w, num_sampling_steps,
-                                  grad_checkpointing, clip_x0, num_codes)
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        for p in (self.class_emb.weight, self.fake_latent, self.pos_embed_learned, self.target_pos_embed_learned):
-            nn.init.normal_(p, std=0.02)
-        init_transformer_weights(self)
-
-    class_embedding = MAR.class_embedding   # same label drop / fake_latent rule as MAR
-
-    def generation_order(self, batch, device, generator=None):
-        """(B, seq) order in which tokens are predicted."""
-        if self.order == "raster":
-            return torch.arange(self.seq_len, device=device).expand(batch, -1)
-        return torch.rand(batch, self.seq_len, device=device, generator=generator).argsort(dim=1)
-
-    def embed(self, cls, tokens_ord, orders, start, end):
-        """Input embeddings of slots start..end-1. cls (B, D); tokens_ord (B, >= end-1, C) tokens in
-        generation order; orders (B, seq)."""
-        lo = max(start, 1) - 1                                     # first token needed (slot i uses i-1)
-        x = self.z_proj(tokens_ord[:, lo:end - 1]) + self.pos_embed_learned[0][orders[:, lo:end - 1]]
-        if start == 0:
-            x = torch.cat([cls.to(x.dtype)[:, None], x], dim=1)                 # class token first
-        return x + self.target_pos_embed_learned[0][orders[:, start:end]]     # (B, end-start, D)
-
-    def forward_z(self, tokens, labels=None, orders=None):
-        """Teacher forcing: tokens (B, seq, C) -> z (B, seq, D) in generation order, z[:, i] being the
-        condition for token orders[:, i] and computed from the tokens before it in the order only."""
-        if tokens.shape[1:] != (self.seq_len, self.token_dim):
-            raise ValueError(f"expected tokens (B, {self.seq_len}, {self.token_dim}), got {tuple(tokens.shape)}")
-        B, L, C = tokens.shape
-        orders = self.generation_order(B, tokens.device) if orders is None else orders
-        tokens_ord = tokens.gather(1, orders[..., None].expand(-1, -1, C))      # (B, seq, C)
-        x = self.embed(self.class_embedding(labels, B), tokens_ord, orders, 0, L)
-        x = run_blocks(self.blocks, x, self.grad_checkpointing and self.training, causal=True)
-        return self.norm(x)
-
-    def forward(self, tokens, labels):
-        """Training loss: every token predicted from its predecessors (average over all tokens)."""
-        B, L, C = tokens.shape
-        orders = self.generation_order(B, tokens.device)
-        z = self.forward_z(tokens, labels, orders)                               # (B, seq, D)
-        target = tokens.gather(1, orders[..., None].expand(-1, -1, C))           # same order as z
-        m = self.diffusion_batch_mul
-        return self.diffloss(target.reshape(B * L, C).repeat(m, 1), z.reshape(B * L, -1).repeat(m, 1))
-
-    def compile_sampler(self):
-        """torch.compile the Diffusion Loss sampler's step only: with the KV cache every step sees
-        caches of a new length, a dict mutated in place, which torch.compile does not capture whole."""
-        self.diffloss.compile_sampler()
-
-    @torch.no_grad()
-    def sample_tokens(self, bsz, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
-                      generator=None, use_cache=True):
-        """Generate (bsz, seq, C) tokens one at a time. Call model.eval() first.
-
-        use_cache=True keeps each layer's keys/values so a step only processes the newest slot;
-        use_cache=False recomputes the whole causal prefix each step (same result; for testing).
-        Linear CFG: w = 1 + (cfg - 1) * (tokens known after the step) / seq, as MAR's rule."""
-        _check_sampling_args(bsz, cfg_schedule, labels, temperature)
-        device, L, C = self.fake_latent.device, self.seq_len, self.token_dim
-        labels = _labels_or_random(self, bsz, labels, generator, device)
-        guided = cfg != 1.0
-        both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
-        cls = self.class_emb(labels)
-        if guided:
-            cls = torch.cat([cls, self.fake_latent.expand(bsz, -1)])             # (2B, D) [cond; uncond]
-        orders = self.generation_order(bsz, device, generator)                   # (B, seq)
-        tokens_ord = torch.zeros(bsz, L, C, device=device)
-        caches = [{} for _ in self.blocks] if use_cache else None
-        for k in range(L):
-            start = k if use_cache else 0
-            x = self.embed(cls, both(tokens_ord), both(orders), start, k + 1)   # (B or 2B, k+1-start, D)
-            z = self.norm(run_blocks(self.blocks, x, False, causal=True, caches=caches)[:, -1])
-            w = cfg_scale(cfg, cfg_schedule, L - k - 1, L) if guided else 1.0
-            tokens_ord[:, k] = self.diffloss.sample(z, temperature, w, generator)[:bsz].to(tokens_ord.dtype)
-        # back from generation order to raster positions
-        return torch.zeros_like(tokens_ord).scatter_(1, orders[..., None].expand(-1, -1, C), tokens_ord)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model table (Table 3 / FACTS "Model sizes"), construction, weight decay, checkpoint loading.
+# Model table (the paper's Table 3 / App. A sizes), construction, weight decay, checkpoint loading.
 
 def _mar(width, depth, heads, dl_depth, dl_width, **kw):
     return dict(encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads, decoder_embed_dim=width,
@@ -679,7 +745,7 @@ def build_model(name, **overrides):
 
 
 def param_groups(model, weight_decay):
-    """AdamW groups of the paper (FACTS "Optimizer"): decay on matrices only; no decay for biases,
+    """AdamW groups of the released code: decay on matrices only; no decay for biases,
     1-D parameters (LayerNorm) and the whole Diffusion Loss head (any per-token head)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
