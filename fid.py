@@ -2,17 +2,17 @@
 
 Every FID/IS in the MAR paper comes from torch-fidelity: the TensorFlow "2015-12-05" Inception-v3 of
 the original FID code, 50,000 samples, against the ADM ImageNet-256 reference statistics. This file
-re-implements that pipeline with torch and numpy only (FACTS.md, "FID / IS"):
+re-implements torch-fidelity's pipeline with torch and numpy only:
   uint8 images -> TF-1.x bilinear resize to 299 -> (x - 128) / 128 -> Inception-v3
   -> 2048-d pool features (FID) and 1008 bias-free logits (IS).
 Parameter names and shapes are those of torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`,
 which loads strictly. A file without the classifier (no `fc.*`) also loads: FID works, and
 `inception_score` then says that the classifier is missing.
 
-Python API (used by train.py / sample.py):
+Python API (used by experiments/table1.py and experiments/ablations.py; use it for FID of your own samples):
   model = load_inception(path, device)          # model(uint8 (N, C, H, W)) -> features (N, 2048), logits (N, 1008)
   evaluate(samples, ref, model)                 # {"fid", "is_mean", "is_std", ...}; inputs: see iter_images
-  model.fused()                                 # same to fp32 rounding, 2.5x faster on CPU; extract_features' default
+  model.fused()                                 # extract_features' default: same to fp32 rounding, faster
   frechet_distance(mu1, sigma1, mu2, sigma2), inception_score(logits, splits=10)
 
 Command line:
@@ -342,7 +342,7 @@ def trace_sqrt_product(s1, s2):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64 (FACTS.md)."""
+    """FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64 as torch-fidelity computes it."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     d = len(mu1) if mu1.ndim == 1 else -1
@@ -454,8 +454,8 @@ def iter_images(source, batch_size=50):
 def extract_features(model, source, batch_size=50, progress=True, fused=True):
     """Run the FID Inception over `source` (see iter_images) on the model's device.
     Returns float64 arrays: pool features (N, 2048) and logits (N, 1008), or None without classifier.
-    fused: run model.fused() (BN folded, oneDNN conv + ReLU, channels-last: 2.5x faster on a 2-core CPU,
-    features equal up to fp32 rounding); False runs the network op by op, as torch-fidelity does."""
+    fused: run model.fused() (BN folded, oneDNN conv + ReLU, channels-last: faster, benchmarks/fid_speed.py
+    measures it; features equal up to fp32 rounding); False runs the network op by op, as torch-fidelity does."""
     device = next(model.parameters()).device
     if fused and isinstance(model, FIDInceptionV3):
         model = model.fused()

@@ -12,7 +12,7 @@ Run:
   # released MAR-B, ImageNet 256, the paper's FID setting (50 images per class -> 50,000 in one .npz):
   torchrun --nproc_per_node=8 sample.py --ckpt mar_base/checkpoint-last.pth --model mar_base \
       --vae kl16.ckpt --cfg 2.9 --num_iter 256 --npz mar_base.npz --batch_size 128
-  python fid.py mar_base.npz ...                      # see fid.py
+  python fid.py mar_base.npz --ref adm_in256_stats.npz --inception weights-inception-2015-12-05-6726825d.pth
 
 The images' labels are class-balanced and class-major (image i has class i // per_class), as the ADM
 evaluation expects 50 per class. Batch b is generated with a generator seeded by (--seed, b) and
@@ -34,10 +34,10 @@ import mar
 import tokenizer as tk
 
 DEFAULT_OUTPUT_DIR = "output"  # train.py's default --output_dir; sample.py reads its latest checkpoint
-# Sampling temperature when none is given, by tokenizer kind: the paper's 1.0 for VAE latents (FACTS:
-# all FID numbers) and for VQ codes (a plain softmax); 0.5 for pixel tokens, where the small, briefly
-# trained heads of the toy runs spread each token too widely (built-in shapes, CFG 3: the judge's
-# accuracy 60% at 1.0, 70% at 0.5, same checkpoint; README "Results so far").
+# Sampling temperature when none is given, by tokenizer kind: the paper's 1.0 for VAE latents (all its
+# FID numbers use it) and for VQ codes (a plain softmax); 0.5 for pixel tokens, where the small, briefly
+# trained heads of the toy runs spread each token too widely (chosen with experiments/shapes_judge.py;
+# results in experiments/README.md).
 DEFAULT_TEMPERATURE = {"kl": 1.0, "vq": 1.0, "pixel": 0.5}
 EVAL_PER_CLASS = 50            # FID protocol: 50 images per class (50,000 for ImageNet)
 GRID_PER_CLASS = 8             # a preview grid: one row of 8 per class
@@ -214,9 +214,9 @@ def main(argv=None):
     if args.temperature is None:
         args.temperature = DEFAULT_TEMPERATURE[tokenizer.config()["kind"]]
     if args.compile:
-        # FACTS: 77-92% of sampling time is the 100-step head loop; one graph fuses the MLP and the
-        # update of each step (and MAR's Transformer). The compiled functions shadow methods, so the
-        # modules and their state dict are unchanged.
+        # Most of the sampling time is the 100-step Diffusion Loss loop (benchmarks/README.md); one graph
+        # fuses the MLP and the update of each step (and MAR's Transformer). The compiled functions
+        # shadow methods, so the modules and their state dict are unchanged.
         model.compile_sampler()
 
     batches = list(range(math.ceil(len(labels) / args.batch_size)))[rank::world]

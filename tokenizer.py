@@ -3,7 +3,7 @@
 MAR (paper Sec. 3-5) models a sequence of continuous tokens; the model only ever sees a
 (seq_len, token_dim) pair. This file turns images into such sequences and back:
 
-  * `patchify` / `unpatchify`: the token layout of FACTS.md ("Tokens"): a (B, C, H, W) map becomes
+  * `patchify` / `unpatchify`: the released MAR code's token layout: a (B, C, H, W) map becomes
     (B, (H/p)(W/p), C*p*p), each token flattened in (c, p_row, p_col) order, row-major over the grid.
   * `AutoencoderKL`: LDM's KL-regularised autoencoder, written from scratch; with `VAE_CONFIGS["kl16"]`
     its state dict has exactly the names and shapes of the released `kl16.ckpt` (testdata/kl16_vae.txt);
@@ -23,7 +23,8 @@ MAR (paper Sec. 3-5) models a sequence of continuous tokens; the model only ever
     and fid.py.
 
 Runtime dependencies: torch and numpy; Pillow is imported only inside the functions that read images.
-Used by train.py (tokenize / cache) and sample.py (decode). Tests: `python -m pytest test_all.py`.
+Used by train.py (data, tokenizers, cached latents), sample.py (decode), mar.py and fid.py (checkpoint
+loading). Tests: `python -m pytest`, run at the repository root.
 Example, the cache step for ImageNet 256 (then train from `CachedLatents("cache/in256")`):
 
     vae = load_vae("kl16.ckpt")
@@ -39,8 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# 1 / std of the KL-16 latents over ImageNet (no mean shift, FACTS "Tokens"): makes tokens ~unit variance,
-# the scale the Diffusion Loss noise schedule assumes. Other tokenizers need their own value.
+# 1 / std of the KL-16 latents over ImageNet (no mean shift, as in the released MAR code): makes tokens
+# ~unit variance, the scale the Diffusion Loss noise schedule assumes. Other tokenizers need their own value.
 KL16_SCALE = 0.2325
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -97,7 +98,7 @@ def load_state_dict_strict(module, state_dict, what):
 
 
 # ------------------------------------------------------------------------------------------------
-# Token layout (FACTS "Tokens")
+# Token layout (the released MAR code's patchify / unpatchify)
 # ------------------------------------------------------------------------------------------------
 def patchify(x, p):
     """(B, C, H, W) -> (B, (H/p)(W/p), C*p*p); token (i, j) of the grid is sequence index i*(W/p)+j,
@@ -122,7 +123,8 @@ def unpatchify(tokens, p, channels, h, w):
 
 
 # ------------------------------------------------------------------------------------------------
-# LDM's KL autoencoder (FACTS "KL-16 architecture"); module names match the released state dict
+# LDM's KL autoencoder (Rombach et al. 2022) in the configuration of MAR's released kl16.ckpt; module
+# names match its state dict
 # ------------------------------------------------------------------------------------------------
 def group_norm(channels):
     return nn.GroupNorm(32, channels, eps=1e-6)
@@ -260,7 +262,7 @@ class DiagonalGaussian:
 
     def __init__(self, moments):
         self.mean, logvar = moments.chunk(2, dim=1)              # (B, E, h, w) each
-        self.logvar = logvar.clamp(-30.0, 20.0)                  # FACTS: clamp keeps exp() finite
+        self.logvar = logvar.clamp(-30.0, 20.0)                  # LDM's clamp: keeps exp() finite
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator=None):
@@ -280,7 +282,7 @@ class AutoencoderKL(nn.Module):
     """LDM's KL autoencoder. Downsampling factor f = 2^(len(ch_mult)-1); latents have `embed_dim` channels.
 
     attn_levels: encoder levels with attention after each res block (negative = from the lowest, so
-    (-1,) is KL-16's 16x16 level); decoder_attn_levels the same for the decoder (KL-16: none, FACTS).
+    (-1,) is KL-16's 16x16 level); decoder_attn_levels the same for the decoder (KL-16: none).
     Both mid blocks always have attention. Defaults are KL-16 (VAE_CONFIGS["kl16"])."""
 
     def __init__(self, embed_dim=16, ch_mult=(1, 1, 2, 2, 4), ch=128, num_res_blocks=2, z_channels=None,
@@ -430,8 +432,7 @@ class VQTokenizer(PixelTokenizer):
     @classmethod
     def fit(cls, dataset, num_codes, patch_size, seed=0, max_patches=200_000, iters=25):
         """k-means over the patches of `dataset` (items (image in [-1, 1], label)): a seeded random
-        subset of at most max_patches patches, drawn from all images (the Fashion-MNIST train set,
-        2.9M patches, gives a 1024-code book in 3.5 minutes on one busy core)."""
+        subset of at most max_patches patches, drawn from all images."""
         image = dataset[0][0]
         pixel = PixelTokenizer(image.shape[-1], image.shape[0], patch_size)
         patches = torch.cat([pixel.encode(torch.stack([dataset[i][0] for i in range(j, min(j + 1000, len(dataset)))]))
@@ -457,9 +458,10 @@ class VQTokenizer(PixelTokenizer):
 
 
 class KLTokenizer:
-    """Tokens from a KL autoencoder (FACTS "Tokens"): a *sample* of the posterior times `scale`,
-    grouped into p x p patches (p=1 for KL-16 -> 256 tokens of 16 dims at 256x256; p=2 for KL-8).
-    Decoding divides by `scale` first. `scale` defaults to KL-16's value; other VAEs need their own."""
+    """Tokens from a KL autoencoder, as the released MAR code makes them: a *sample* of the posterior
+    times `scale`, grouped into p x p patches (p=1 for KL-16 -> 256 tokens of 16 dims at 256x256; p=2
+    for KL-8). Decoding divides by `scale` first. `scale` defaults to KL-16's value; other VAEs need
+    their own."""
 
     def __init__(self, vae, image_size, patch_size=1, scale=KL16_SCALE):
         f = vae.downsample_factor

@@ -1,6 +1,6 @@
 """
-benchmarks/fid_speed.py -- FID feature-extraction throughput on CPU (issue 11): fid.py's fused Inception
-against the op-by-op reference, and against torch.compile.
+benchmarks/fid_speed.py -- FID feature-extraction throughput on CPU: fid.py's fused Inception against
+the op-by-op reference, and against torch.compile. Results: benchmarks/README.md.
 
 The images are what the Fashion-MNIST experiments evaluate: uint8 grayscale 28x28 (random pixels; the
 network's cost does not depend on them), fed to FIDInceptionV3 exactly as fid.extract_features does
@@ -15,7 +15,7 @@ each variant once on the same batch; the median gives images/s. `setup_s` is the
 the fused copy, compiling); `s_per_5k` = setup_s + 5,000 images at that rate (a Table 1 FID evaluation).
 `max_abs_diff` is the largest |feature - reference feature| over the batch (features are ~O(1)).
 
-  python benchmarks/fid_speed.py --inception ../shared/weights/inception_fid_no_fc.pth --batch 50
+  python benchmarks/fid_speed.py --inception weights-inception-2015-12-05-6726825d.pth --batch 50
   python benchmarks/fid_speed.py --inception WEIGHTS --batch 50 --variants reference,fused,compiled
 """
 import argparse

@@ -1,5 +1,5 @@
 """
-benchmarks/flop_bound.py -- the fastest any fp32 implementation could sample on this machine (issue 11)
+benchmarks/flop_bound.py -- the fastest any fp32 implementation could sample on this machine
 
 However it is compiled, fused or hand-written, a sampler still has to do its matrix products, and
 no product runs faster than the best rate this CPU's GEMMs reach. So, for MAR's generation loop:
@@ -15,9 +15,10 @@ This script
   2. measures the GEMM rate: square fp32 products (MKL's best case) of each side in --gemm, median of
      5 after a warm-up, at the current thread count; the fastest side sets the rate;
   3. times the eager sampler: median of --repeats runs after one warm-up.
-Random weights of the Table 1 model's shapes by default (speed does not depend on the values; a
-trained checkpoint: --checkpoint). Defaults are Table 1's sampling setting: batch 250, 16 steps,
-100 diffusion steps, linear CFG 3.0.
+It prints one line; the results are in benchmarks/README.md. Random weights of the shapes of
+experiments/table1.py's model by default (speed does not depend on the values; a trained checkpoint:
+--checkpoint). Defaults are its sampling setting: batch 250, 16 steps, 100 diffusion
+steps, linear CFG 3.0.
 
   OMP_NUM_THREADS=2 python benchmarks/flop_bound.py                     # Table 1 model, 2 cores
   python benchmarks/flop_bound.py --checkpoint runs/t1_mar_tiny_diffusion/checkpoint-last.pth

@@ -1,5 +1,5 @@
 """
-benchmarks/head_ceiling.py -- how fast could the Diffusion Loss sampler be on this CPU? (issue 11)
+benchmarks/head_ceiling.py -- how fast could the Diffusion Loss sampler be on this CPU?
 
 The sampler's time is the MLP's matrix products plus everything around them (LayerNorm, SiLU, the
 modulation, the update of Eq. 3, Python and dispatch). torch.compile can fuse and trim the second
@@ -16,9 +16,10 @@ This script times, in one process and alternating (both see the same machine loa
             projection (w -> 2C). Under CFG the network sees 2 x rows.
 and reports median seconds, GFLOP/s of the products (2 * rows * in * out per Linear per step), and
 the ceiling. --compile adds a third variant, the sampler after DiffLoss.compile_sampler() (what
-sample.py --compile runs), and reports its compile time (its first call) separately.
-Defaults: Table 1's head (mar_tiny: 2 blocks x 256, tokens of 16 values, z of 128) at the rows of one
-MAR generation step with batch 250 and 16 steps (49 tokens: ~3 per step -> 768).
+sample.py --compile runs), and reports its compile time (its first call) separately. Results are in
+benchmarks/README.md. Defaults: experiments/table1.py's head (mar_tiny: 2 blocks x 256, tokens of 16
+values, z of 128) at the rows of one MAR generation step with batch 250 and 16 steps (49 tokens:
+~3 per step -> 768).
 
   python benchmarks/head_ceiling.py --compile                        # Table 1 head, no CFG and CFG 3
   python benchmarks/head_ceiling.py --width 1024 --depth 6 --z_dim 768 --rows 128   # MAR-B's head

@@ -1,5 +1,6 @@
 """
-benchmarks/speed.py -- sampling and training speed of MAR (issue 8), as a table and as JSON lines.
+benchmarks/speed.py -- sampling and training speed of MAR, as a table and as JSON lines.
+Results, with those of the released code at the same settings: benchmarks/README.md.
 
 What it measures, with random weights of the released shapes (seq 256 x 16 KL-16 tokens, 1000 classes):
   sample  `model.sample_tokens(batch, num_iter, cfg, labels)` (the paper's generation loop, Sec. 3.5,
@@ -21,23 +22,23 @@ of tokens per AR step varies, so the compiled pieces see several shapes (marked 
 first recompile); compiling can spill into the second warm-up run, so use --warmup 2 or more. The
 `compiled_while_timed` column counts graphs compiled during the timed runs: a row is valid only if 0.
 
---compare (issue 11; mainly for CPUs) instead times the project's own compiled paths against eager
+--compare (mainly for CPUs) instead times the project's own compiled paths against eager
 on copies of the same model: `model.compile_sampler()` (sample.py --compile) for sampling and the
 in-place compiled Diffusion Loss MLP (train.py --compile) for training. Eager and compiled runs
 alternate, so both see the same machine load; each gets its own row, and the compiled row's
-`first_run_s` is its first (compiling) run, timed before the warm-up. CPU commands: README, Speed.
+`first_run_s` is its first (compiling) run, timed before the warm-up. CPU commands: benchmarks/README.md.
 
-Reproduce issue 8's table on one H100 (each command < 10 min; rows are appended to --out):
+The GPU table of benchmarks/README.md, on one H100 (each command < 10 min; rows are appended to --out):
   B=python benchmarks/speed.py; O="--out speed_h100.jsonl"
-  $B --what sample --models mar_base  --batch 256 --dtype fp16 $O   # released: 0.198 s/img (0.163 w/o decode)
-  $B --what sample --models mar_base  --batch 256 --dtype bf16 $O   # released, bf16: 0.172 w/o decode (fp16: 0.163)
-  $B --what sample --models mar_base  --batch 64  --dtype bf16 $O   # released: 0.469 s/img
-  $B --what sample --models mar_large --batch 256 --dtype bf16 $O   # released: 0.245 s/img
-  $B --what train  --models mar_base  --train_batch 128,64 --dtype bf16 $O  # released: 326 img/s 49.7 GiB; 231, 26.5 GiB
-  $B --what train  --models mar_large --train_batch 64 --dtype bf16 $O      # released: 167 img/s, 46.8 GiB
+  $B --what sample --models mar_base  --batch 256 --dtype fp16 $O   # fp16 autocast, as the released code
+  $B --what sample --models mar_base  --batch 256 --dtype bf16 $O
+  $B --what sample --models mar_base  --batch 64  --dtype bf16 $O
+  $B --what sample --models mar_large --batch 256 --dtype bf16 $O
+  $B --what train  --models mar_base  --train_batch 128,64 --dtype bf16 $O
+  $B --what train  --models mar_large --train_batch 64 --dtype bf16 $O
   ...and the same lines with --compile --warmup 2 (--warmup 3 for training: the mask ratio changes shapes).
-Targets (issue 8): sampling <= 0.05 (MAR-B 256), 0.06 (MAR-L 256), 0.08 (MAR-B 64) s/image with the
-decode; training >= 1.5x the released images/s with no more memory.
+The speed targets this project set for itself: sampling <= 0.05 (MAR-B 256), 0.06 (MAR-L 256),
+0.08 (MAR-B 64) s/image with the decode; training >= 1.5x the released code's images/s with no more memory.
 
 CI / CPU smoke run (seconds; a tiny VAE with random weights decodes when seq_len is not 256):
   python benchmarks/speed.py --device cpu --models mar_tiny --batch 2 --num_iter 4 \
@@ -175,7 +176,8 @@ def bench_train(model, batch, args, device, dtype, twin=None):
     def runner(model):
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        # FACTS "Optimizer": AdamW (0.9, 0.95), wd 0.02 on matrices only, lr 1e-4 * batch / 256.
+        # The paper's optimizer, as the released code sets it: AdamW (0.9, 0.95), wd 0.02 on matrices
+        # only, lr 1e-4 * batch / 256.
         opt = torch.optim.AdamW(mar.param_groups(model, 0.02), lr=1e-4 * batch / 256, betas=(0.9, 0.95),
                                 fused=device.type == "cuda")
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
