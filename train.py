@@ -4,7 +4,7 @@ one GPU and many GPUs: under torchrun (RANK set) it runs DDP, otherwise it is ra
 
 How it fits: data (the built-in shapes below, or tokenizer.py's loaders) -> tokenizer.py turns images
 into continuous tokens -> mar.py's model returns the Diffusion Loss (paper Sec. 3) -> AdamW + EMA,
-the paper's recipe (FACTS.md "Optimizer") -> checkpoints that sample.py and mar.load_checkpoint read.
+the paper's recipe (Sec. 5, App. A) -> checkpoints that sample.py and mar.load_checkpoint read.
 
 Run:
   python train.py                      # mar_tiny on the built-in 16x16 shapes, 12 epochs (1,875 steps) in
@@ -260,7 +260,7 @@ def update_ema(ema, model, decay, step):
 # Arguments that change the numbers: resuming with a different value would silently start another run.
 MUST_MATCH = ("model", "data", "image_size", "patch_size", "hflip", "seed", "batch_size", "shards", "blr",
               "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay", "head", "vq", "order",
-              "diffloss_w", "mask_ratio_min")
+              "diffloss_w", "mask_ratio_min", "mask_ratio_law", "pos_embed_init")
 
 
 def save_checkpoint(path, state):
@@ -279,34 +279,30 @@ def same_config(a, b):
 
 
 PAPER_MASK_RATIO_MIN = inspect.signature(mar.MAR).parameters["mask_ratio_min"].default   # 0.7
+# The built-in shapes' own defaults, chosen with experiments/shapes_judge.py (experiments/README.md): 4
+# tokens of 8x8 pixels, and masks down to none, since with 4 tokens the paper's [0.7, 1] trains with at
+# most one known while generation conditions on up to three.
+BUILTIN_DEFAULTS = {"patch_size": 8, "mask_ratio_min": 0.0}
 
 
 def resolve_defaults(args):
-    """Defaults that depend on other arguments (a dict, in place): ar_* models generate in raster order;
-    mar_* models train with the paper's mask ratio in [0.7, 1], except on the built-in shapes: with few
-    tokens that range leaves almost none known in training while generation conditions on up to all but
-    one, and the ratio in [0, 1] made the demo's samples recognisable far more often (README, Results so
-    far). Tokens are 1x1 patches of VAE latents (KL-16, the paper's), 4x4 pixel patches, and 8x8 on the
-    built-in shapes: 4 tokens of 64 values, each covering a whole quarter of the shape, were recognised
-    more often (88% vs 80%) at 2.4x fewer seconds per step, which buys twice the epochs (94%)."""
+    """The defaults that depend on other arguments (a dict, filled in place): patch_size 1 on VAE latents
+    (KL-16's tokens, the paper's), else 4 pixels (BUILTIN_DEFAULTS on --data builtin); ar_* models
+    generate in raster order; mar_* models train with the paper's mask ratio min 0.7."""
+    builtin = args["data"] == "builtin"
     if args.get("patch_size") is None:
-        args["patch_size"] = 1 if args.get("vae") else 8 if args["data"] == "builtin" else 4
+        args["patch_size"] = 1 if args.get("vae") else BUILTIN_DEFAULTS["patch_size"] if builtin else 4
     if args["model"].startswith("ar_") and args.get("order") is None:
         args["order"] = "raster"
     if args["model"].startswith("mar_") and args.get("mask_ratio_min") is None:
-        args["mask_ratio_min"] = 0.0 if args["data"] == "builtin" else PAPER_MASK_RATIO_MIN
+        args["mask_ratio_min"] = BUILTIN_DEFAULTS["mask_ratio_min"] if builtin else PAPER_MASK_RATIO_MIN
     return args
 
 
 def checkpoint_args(ckpt):
-    """The arguments a checkpoint was trained with. A key missing from it is a flag added after it was
-    written: that run used the flag's default of that time (for --mask_ratio_min: the paper's, any data)."""
-    old = {**vars(build_parser().parse_args([])), **ckpt["args"]}
-    if "mask_ratio_min" not in ckpt["args"] and old["model"].startswith("mar_"):
-        old["mask_ratio_min"] = PAPER_MASK_RATIO_MIN
-    if old["patch_size"] is None:          # the default of its time, whatever today's: its tokenizer knows
-        old["patch_size"] = ckpt["tokenizer"]["patch_size"]
-    return resolve_defaults(old)
+    """The arguments a checkpoint was trained with (stored resolved), the parser's defaults filling in
+    any flag it does not name."""
+    return {**vars(build_parser().parse_args([])), **ckpt["args"]}
 
 
 def check_resume(ckpt, run_args, tokenizer_cfg):
@@ -360,6 +356,12 @@ def build_parser():
     a("--mask_ratio_min", type=float, default=None,
       help="mar_* models: lower end of the training mask ratio, N(1, 0.25) truncated to [this, 1] (default: 0 on "
            "--data builtin, whose few tokens need training with many known tokens; else the paper's 0.7)")
+    a("--mask_ratio_law", default="truncnorm", choices=mar.MASK_RATIO_LAWS,
+      help="mar_* models: law of the training mask ratio: truncnorm (the paper's, see --mask_ratio_min), uniform "
+           "(the masked count uniform on 1..seq), cosine (as the generation schedule visits it); see MAR.mask_count")
+    a("--pos_embed_init", default="normal", choices=mar.POS_EMBED_INITS,
+      help="initial value of the learned position embeddings: normal (N(0, 0.02), the paper's) or sincos (2D "
+           "sin-cos of the token grid, then learned as usual)")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True,
       help="random horizontal flips (the paper's augmentation); --no-hflip for digits or text")
     a("--batch_size", type=int, default=64, help="images per process per micro-step")
@@ -374,7 +376,7 @@ def build_parser():
     a("--grad_clip", type=float, default=3.0, help="max gradient norm (paper: 3.0)")
     a("--ema_decay", type=float, default=0.9999, help="EMA of the weights, used for sampling (paper: 0.9999)")
     a("--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory")
-    a("--compile", action="store_true", help="torch.compile the Diffusion Loss MLP (see README, Speed)")
+    a("--compile", action="store_true", help="torch.compile the Diffusion Loss MLP (benchmarks/README.md)")
     a("--seed", type=int, default=0)
     a("--num_workers", type=int, default=0, help="DataLoader processes (use ~8 for --data folder/latents)")
     a("--output_dir", default=DEFAULT_OUTPUT_DIR)
@@ -403,6 +405,9 @@ def get_args(argv=None):
     if args.mask_ratio_min is not None and (args.model.startswith("ar_") or not 0 <= args.mask_ratio_min <= 1):
         raise ValueError(f"--mask_ratio_min {args.mask_ratio_min}: needs a mar_* model (ar_* models do not mask) "
                          "and a value in [0, 1]")
+    if args.mask_ratio_law != "truncnorm" and (args.model.startswith("ar_") or args.mask_ratio_min is not None):
+        raise ValueError(f"--mask_ratio_law {args.mask_ratio_law}: needs a mar_* model and no --mask_ratio_min "
+                         "(the lower bound belongs to the truncnorm law)")
     if args.order is not None and not args.model.startswith("ar_"):
         raise ValueError(f"--order is for the causal ar_* models; {args.model} always generates in random order")
     resolve_defaults(vars(args))
@@ -451,6 +456,10 @@ def train(args, rank, world, device):
         extra["diffloss_w"] = args.diffloss_w
     if args.mask_ratio_min is not None:
         extra["mask_ratio_min"] = args.mask_ratio_min
+    if args.mask_ratio_law != "truncnorm":
+        extra["mask_ratio_law"] = args.mask_ratio_law
+    if args.pos_embed_init != "normal":
+        extra["pos_embed_init"] = args.pos_embed_init
     model = mar.build_model(args.model, seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim,
                             num_classes=dataset.num_classes, **extra)
     if args.head == "ce":                        # the head samples codes: it holds the tokenizer's codebook
