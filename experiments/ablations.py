@@ -231,7 +231,8 @@ def line_plot(path, series, title, xlabel, ylabel, logx=False, data_ticks=True, 
             d.line((x, Y(hline[1]), min(x + 6, W - R), Y(hline[1])), fill="gray")
         d.text((W - R - 4, Y(hline[1]) - 3), hline[0], fill="gray", font=font, anchor="rb")
     lx = L
-    for color, (label, pts) in zip(("#1f77b4", "#d62728", "#2ca02c", "#9467bd"), series):
+    for color, (label, pts) in zip(("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+                                    "#7f7f7f"), series):
         xy = [(X(x), Y(y)) for x, y, _ in pts]
         if len(xy) > 1:
             d.line(xy, fill=color, width=2)

@@ -4,7 +4,7 @@ experiments/shapes_judge.py -- how recognisable are a checkpoint's samples of th
 A small CNN (the "judge") is trained on real shapes from train.make_shapes (seed 0) and checked on
 unseen ones (seed 1, ~100%); it then classifies class-balanced samples of a train.py checkpoint, and
 the accuracy (chance: 10%) says how often a sample shows the shape it was asked for. It is the number
-behind the README's "Results so far", and test_all.py's learning test uses the same judge.
+behind the demo study in experiments/README.md, and test_all.py's learning test uses the same judge.
 
 It lives here, not in train.py or sample.py: the judge knows one data set (the built-in shapes) and
 exists to evaluate, so the core files do not grow for it. It uses theirs (train.make_shapes,

@@ -19,7 +19,7 @@ Outputs: experiments/table1.jsonl (one JSON object per measurement), experiments
 table, regenerated from the JSONL after every measurement), RUNS_DIR/t1_* (checkpoints, train logs),
 RUNS_DIR/t1_cache (codebook, Inception features of the reference images).
 
-Protocol (every choice; the issue's set-up where it is explicit):
+Protocol (every choice):
   * Data: Fashion-MNIST 28x28, the 60,000 training images for training, the 10,000 test images as the
     FID reference. No flips (--no-hflip: clothes are not all left-right symmetric in the data set).
   * Continuous tokens: 4x4 pixel patches -> 49 tokens of 16 values (KL-16's token width), exact
@@ -36,7 +36,8 @@ Protocol (every choice; the issue's set-up where it is explicit):
     The CE and L2 heads are an MLP of the Diffusion Loss MLP's width and depth (mar.TokenMLP). The two
     MAR rows of one loss share one trained model (they differ only at inference): 7 runs in all.
   * One row the paper does not have, "mar16_diffusion_mr0": the MAR Diffusion Loss run trained with the
-    mask ratio in [0, 1] (train.py --mask_ratio_min 0) instead of the paper's [0.7, 1], an 8th run. The
+    mask ratio min 0 (train.py --mask_ratio_min 0: N(1, 0.25) truncated to [0, 1], so only ~4% of its
+    steps know more than 24 tokens) instead of the paper's [0.7, 1], an 8th run. The
     paper's range never shows the model more than 14 known tokens in training, while the 16-step
     generation predicts 31 of the 49 tokens with more known (up to 45); the row measures what that
     costs at this scale.
@@ -97,7 +98,7 @@ SEQ_LEN = 49            # 28x28 images, 4x4 patches
 RUNNING_S = 600         # a run whose files changed this recently is taken to be still training
 
 # training runs: name -> (model, order or None, head, more train.py flags). The last run is not the
-# paper's: MAR with the training mask ratio in [0, 1] instead of [0.7, 1] (see ROWS).
+# paper's: MAR with the training mask ratio min 0 instead of 0.7 (see ROWS).
 RUNS = {
     "mar_diffusion": ("mar_tiny", None, "diffusion", ()),
     "ar_diffusion": ("ar_tiny", "raster", "diffusion", ()),
@@ -121,9 +122,9 @@ ROWS = {
     "mar16_l2": ("mar_l2", 16, ("MAR", "random", "bidirect", ">1 (16 steps)", "L2 (MSE)")),
     # Not in the paper: its MAR trains with a mask ratio in [0.7, 1] (chosen for 256 tokens), so it never
     # sees more than 14 of 49 tokens known, while its 16-step generation conditions on up to 45.
-    # This row asks how much of the MAR rows' gap to AR that mismatch explains (README, Table 1).
+    # This row asks how much of the MAR rows' gap to AR that mismatch explains (experiments/README.md).
     "mar16_diffusion_mr0": ("mar_diffusion_mr0", 16,
-                            ("MAR, mask ratio [0, 1]", "random", "bidirect", ">1 (16 steps)", "Diff Loss")),
+                            ("MAR, mask ratio min 0", "random", "bidirect", ">1 (16 steps)", "Diff Loss")),
 }
 EXTRA_ROWS = ("floor", "tokens")
 # The paper's Table 1 (ImageNet 256, MAR-L / AR-L ~400M parameters, 400 epochs, VQ-16 tokens for CrossEnt,
@@ -161,10 +162,30 @@ def setting(args):
 def best_cfg(args, records, row, **key):
     """The sweep's choice: the grid scale with the lowest FID against the training images (None while
     the sweep is incomplete). The latest record of a scale counts (records are in time order)."""
-    sweep = {r["cfg"]: r["fid"] for r in find(records, row=row, kind="sweep", n=args.num_sweep, **setting(args), **key)}
+    sweep = {r["cfg"]: r["fid"] for r in find(records, row=row, kind="sweep", n=args.num_sweep, **setting(args), **key)
+             if r.get("temperature", 1.0) == 1.0}
     if not all(c in sweep for c in args.cfg_grid):
         return None
     return min(args.cfg_grid, key=lambda c: sweep[c])
+
+
+def joint_grid(args, cfg):
+    """The (CFG scale, temperature) points of the joint sweep around the chosen scale `cfg`: its grid
+    neighbours and itself, each at temperature 1.0 (the CFG sweep's points) and --temperature_grid."""
+    i = args.cfg_grid.index(cfg)
+    return [(c, t) for c in args.cfg_grid[max(0, i - 1):i + 2] for t in [1.0] + args.temperature_grid]
+
+
+def best_setting(args, records, row, **key):
+    """The joint sweep's choice (scale, temperature) with the lowest FID against the training images, as
+    the paper tunes both per model (None while the sweep is incomplete)."""
+    cfg = best_cfg(args, records, row, **key)
+    if cfg is None:
+        return None
+    sweep = {(r["cfg"], r.get("temperature", 1.0)): r["fid"]
+             for r in find(records, row=row, kind="sweep", n=args.num_sweep, **setting(args), **key)}
+    grid = joint_grid(args, cfg)
+    return min(grid, key=lambda p: sweep[p]) if all(p in sweep for p in grid) else None
 
 
 def append_record(path, record, who="table1"):
@@ -461,12 +482,13 @@ def evaluate_row(args, ev, row, ckpt_path):
                   batch=args.batch, threads=torch.get_num_threads(), **setting(args),
                   tokens=f"vq{tokenizer.num_codes}" if isinstance(tokenizer, tk.VQTokenizer) else "pixel")
 
-    def measure(kind, cfg, n, ref):       # a checkpoint trained further (other train_steps) is measured again
-        with claim(args, row=row, kind=kind, cfg=cfg, n=n, train_steps=ckpt["step"], **setting(args)) as mine:
+    def measure(kind, cfg, n, ref, temperature=1.0):   # a checkpoint trained further (other train_steps) is
+        tau = {} if temperature == 1.0 else dict(temperature=temperature)          # measured again
+        with claim(args, row=row, kind=kind, cfg=cfg, n=n, train_steps=ckpt["step"], **tau, **setting(args)) as mine:
             if mine:
-                images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg)
+                images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg, temperature=temperature)
                 append_record(args.out, dict(common, kind=kind, cfg=cfg, n=n, ref=ref, fid=ev.fid(images, ref),
-                                             s_per_image=round(s_per_image, 4)))
+                                             s_per_image=round(s_per_image, 4), **tau))
                 write_table(args)
 
     measure("final", 1.0, args.num_fid, "test")
@@ -480,6 +502,16 @@ def evaluate_row(args, ev, row, ckpt_path):
               f"later call) measures the FID w/ CFG", flush=True)
         return
     measure("final", best, args.num_fid, "test")
+    if RUNS[run][2] != "diffusion" or not args.temperature_grid:
+        return
+    for cfg, temperature in joint_grid(args, best):
+        measure("sweep", cfg, args.num_sweep, "train", temperature)
+    joint = best_setting(args, read_records(args.out), row, train_steps=ckpt["step"])
+    if joint is None:
+        print(f"table1: {row}: the joint CFG / temperature sweep is still being measured by another process",
+              flush=True)
+        return
+    measure("final", joint[0], args.num_fid, "test", joint[1])
 
 
 def evaluate_floor(args, ev):
@@ -516,23 +548,28 @@ def write_table(args):
     """experiments/table1.md from the JSONL as it is on disk (other table1.py processes may have added rows)."""
     records = read_records(args.out)
     lines = ["| variant | order | direction | tokens / step | loss | FID w/o CFG | FID w/ CFG (scale) | "
+             "FID w/ CFG, temperature tuned (scale, temperature) | "
              "paper FID w/o, w/ CFG | s / image w/o, w/ CFG | params (head) | train time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, (run, num_iter, labels) in ROWS.items():
         finals = find(records, row=row, kind="final", n=args.num_fid, **setting(args))
         if not finals:
-            lines.append("| " + " | ".join(list(labels) + ["not measured yet", "-", ", ".join(PAPER[row])]
+            lines.append("| " + " | ".join(list(labels) + ["not measured yet", "-", "-", ", ".join(PAPER[row])]
                                            + ["-"] * 3) + " |")
             continue
         steps = finals[-1]["train_steps"]                 # the latest checkpoint measured
         finals = [r for r in reversed(finals) if r["train_steps"] == steps]    # latest first
-        plain = next((r for r in finals if r["cfg"] == 1.0), None)
-        guided = next((r for r in finals if r["cfg"] == best_cfg(args, records, row, train_steps=steps)), None)
+        at = lambda cfg, temperature=1.0: next((r for r in finals if (r["cfg"], r.get("temperature", 1.0))
+                                                 == (cfg, temperature)), None)
+        plain, guided = at(1.0), at(best_cfg(args, records, row, train_steps=steps))
+        joint = best_setting(args, records, row, train_steps=steps)
+        tuned = joint and at(*joint)
         edge = guided is not None and guided["cfg"] in (min(args.cfg_grid), max(args.cfg_grid))
         r = finals[0]
         cells = list(labels) + [
             fmt(plain and plain["fid"]),
             "-" if guided is None else f"{guided['fid']:.2f} ({guided['cfg']:g}{', edge of grid' if edge else ''})",
+            "-" if tuned is None else f"{tuned['fid']:.2f} ({tuned['cfg']:g}, {tuned.get('temperature', 1.0):g})",
             ", ".join(PAPER[row]),
             f"{fmt(plain and plain['s_per_image'], 3)}, {fmt(guided and guided['s_per_image'], 3)}",
             f"{r['params'] / 1e6:.2f}M ({r['head_params'] / 1e6:.2f}M)",
@@ -562,9 +599,18 @@ def write_table(args):
         notes.append("")
         notes.append(f"CFG sweep (FID of {args.num_sweep} samples vs {n} training images):")
         for row in ROWS:
-            pts = sorted({r["cfg"]: r["fid"] for r in sweeps if r["row"] == row}.items())   # latest per scale
-            if pts:
+            pts = sorted({r["cfg"]: r["fid"] for r in sweeps if r["row"] == row and "temperature" not in r}.items())
+            if pts:                                                                      # latest per scale
                 notes.append(f"- {row}: " + ", ".join(f"{c:g}: {f:.2f}" for c, f in pts))
+        joint = [r for r in sweeps if "temperature" in r]
+        if joint:
+            notes.append("")
+            notes.append(f"Joint CFG / temperature sweep around each Diffusion Loss row's scale (FID of "
+                         f"{args.num_sweep} samples vs {n} training images; temperature 1.0 is the CFG sweep above):")
+            for row in ROWS:
+                pts = sorted({(r["cfg"], r["temperature"]): r["fid"] for r in joint if r["row"] == row}.items())
+                if pts:
+                    notes.append(f"- {row}: " + ", ".join(f"({c:g}, {t:g}): {f:.2f}" for (c, t), f in pts))
     tmp = f"{args.table}.{os.getpid()}.tmp"          # several table1.py processes may share the table
     with open(tmp, "w") as f:
         f.write("\n".join(lines + [""] + notes) + "\n")
@@ -591,6 +637,9 @@ def get_args(argv=None):
     a("--num_sweep", type=int, default=1000, help="samples per point of the CFG sweep")
     a("--cfg_grid", default="1.5,2,3,4,6,8", help="CFG scales of the sweep (a tiny model wants strong guidance: "
                                                  "4 was the best of 1.5..4 for the MAR Diffusion Loss row)")
+    a("--temperature_grid", default="0.6,0.8",
+      help="temperatures of the joint sweep (Diffusion Loss rows): each with the chosen CFG scale and its grid "
+           "neighbours, the paper's per-model tuning of both; empty: none")
     a("--batch", type=int, default=250, help="images per generation batch")
     a("--fid_batch", type=int, default=50, help="images per Inception batch")
     a("--num_sampling_steps", type=int, default=100, help="diffusion steps per token (paper: 100)")
@@ -603,6 +652,7 @@ def get_args(argv=None):
     if bad:
         raise ValueError(f"unknown --rows {bad}; valid: {', '.join(list(ROWS) + list(EXTRA_ROWS))}")
     args.cfg_grid = [float(c) for c in args.cfg_grid.split(",")]
+    args.temperature_grid = [float(t) for t in args.temperature_grid.split(",") if t]
     if any(c == 1.0 for c in args.cfg_grid) or args.num_fid < 2 or args.num_sweep < 2 or args.batch < 1:
         raise ValueError("--cfg_grid must not contain 1.0 (the w/o CFG row), --num_fid / --num_sweep must be >= 2, "
                          "--batch >= 1")
