@@ -1,0 +1,227 @@
+"""
+experiments/curve.py -- the training-length curve: FID against training epochs for AR raster, AR random
+order, MAR with the paper's recipe and MAR with the small-data recipe (experiments/recipe.py), all with
+the Diffusion Loss. The paper's ordering (MAR < AR random < AR raster in FID) is a claim about its
+400-epoch regime; Table 1 here trains 2 epochs. This asks where along the budget the ordering turns.
+
+Each model is ONE long run of Table 1's configuration (table1.py's COMMON: mar_tiny / ar_tiny,
+Fashion-MNIST, batch 64, lr 1e-3, constant after a 0.2-epoch warmup), so that its checkpoints at 2, 4,
+8, 16, 32 ... epochs are valid points of one curve: with a constant lr, --epochs only says where the
+run stops, and the first 2 epochs ARE Table 1's run (the same seed and draws), whose finished
+checkpoint seeds the curve's run when table1.py has trained it. After each budget the checkpoint is
+kept as checkpoint-epNNN.pth beside checkpoint-last.pth.
+
+Run (from the repository root; finished points are skipped, a stopped run resumes from its last
+checkpoint; two shells with OMP_NUM_THREADS=1 share the runs and points through lock files):
+  python experiments/curve.py --runs_dir runs                      # every model to every --budgets
+  python experiments/curve.py --runs_dir runs --models "AR raster" --budgets 2,4,8,16
+  python experiments/curve.py --table-only                         # PNG and Markdown from the JSONL
+Cost: ~1.5-1.9 s per step of one core (both model kinds alike), 937.5 steps per epoch: 16 epochs are
+~7 hours of one core per model.
+
+Protocol: FID of --num (1,000) class-balanced samples against the 10,000 test images at every budget
+(and --num_final, 5,000, at the longest one measured), w/o CFG and w/ CFG at each model's fixed
+setting (guided_setting: the CFG scale and temperature chosen by Table 1's sweeps at 2 epochs, the
+same for every budget, so that the curve measures the model, not a re-tuned sampler). MAR samples with 16
+steps, AR with 49; EMA weights; 100 diffusion steps; Table 1's seeded batches.
+"""
+import argparse
+import os
+import shutil
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
+import mar  # noqa: E402
+import recipe  # noqa: E402
+import table1  # noqa: E402
+import tokenizer as tk  # noqa: E402
+from ablations import line_plot  # noqa: E402
+
+# label -> (table1.RUNS name, extra train.py flags, Table 1 row whose sampling it uses)
+MODELS = {
+    "AR raster": ("ar_diffusion", (), "ar_raster_diffusion"),
+    "AR random": ("ar_random_diffusion", (), "ar_random_diffusion"),
+    "MAR paper": ("mar_diffusion", (), "mar16_diffusion"),
+}
+if recipe.CHOSEN is not None:
+    MODELS["MAR recipe"] = ("mar_diffusion", recipe.CANDIDATES[recipe.CHOSEN][0], "mar16_diffusion_recipe")
+TABLE1_EPOCHS = 2
+
+
+def guided_setting(t1, label, n_train):
+    """(CFG scale, temperature) of `label` at every budget: Table 1's choice for its row at 2 epochs, the
+    joint CFG / temperature sweep's once complete, else the CFG sweep's at temperature 1.0."""
+    row, records = MODELS[label][2], table1.read_records(t1.out)
+    steps = steps_at(t1, label, TABLE1_EPOCHS, n_train)
+    joint = table1.best_setting(t1, records, row, train_steps=steps)
+    cfg = table1.best_cfg(t1, records, row, train_steps=steps)
+    if joint is None and cfg is None:
+        raise RuntimeError(f"{label}: Table 1 has no CFG sweep of row {row} at {steps} steps yet: run "
+                           f"experiments/table1.py --rows {row} first (the curve samples with its choice)")
+    return joint or (cfg, 1.0)
+
+
+def curve_suffix(label):
+    return "_curve" + recipe.suffix(MODELS[label][1])
+
+
+def curve_dir(t1, label):
+    return table1.run_dir(t1, MODELS[label][0], curve_suffix(label))
+
+
+def steps_at(t1, label, epochs, n_train):
+    """The step train.py stops at for `label` trained to `epochs`."""
+    name, flags, _ = MODELS[label]
+    return table1.total_steps(table1.train.get_args(table1.train_argv(t1, name) + list(flags)
+                                                    + ["--epochs", str(epochs)]), n_train)
+
+
+def snapshot(run_dir, epochs):
+    return os.path.join(run_dir, f"checkpoint-ep{epochs:03d}.pth")
+
+
+def seed_from_table1(t1, label, n_train):
+    """Start the curve's run from Table 1's finished 2-epoch run (the same run; saves its 2 epochs):
+    table1.py's run, or recipe.py's candidate run for the recipe."""
+    name, flags, _ = MODELS[label]
+    src, dst = table1.run_dir(t1, name, recipe.suffix(flags)), curve_dir(t1, label)
+    ckpt = os.path.join(src, "checkpoint-last.pth")
+    if os.path.exists(dst) or not os.path.exists(ckpt) or \
+            tk.torch_load(ckpt)["step"] != steps_at(t1, label, TABLE1_EPOCHS, n_train):
+        return
+    os.makedirs(dst + ".seeding", exist_ok=True)
+    for f in ("checkpoint-last.pth", "metrics.jsonl"):
+        shutil.copy2(os.path.join(src, f), os.path.join(dst + ".seeding", f))
+    shutil.copy2(ckpt, snapshot(dst + ".seeding", TABLE1_EPOCHS))
+    os.replace(dst + ".seeding", dst)                       # a directory appears whole or not at all
+    print(f"curve: {label}: seeded from Table 1's run {src}", flush=True)
+
+
+def train_to(t1, label, epochs, n_train):
+    """The checkpoint of `label` at `epochs` (training or resuming as needed), or None while another
+    process trains it."""
+    name, flags, _ = MODELS[label]
+    d = curve_dir(t1, label)
+    snap = snapshot(d, epochs)
+    if os.path.exists(snap):
+        return snap
+    if os.path.exists(os.path.join(d, "checkpoint-last.pth")):
+        step = tk.torch_load(os.path.join(d, "checkpoint-last.pth"))["step"]
+        if step > steps_at(t1, label, epochs, n_train):
+            raise RuntimeError(f"{d} is past {epochs} epochs (step {step}) but has no {os.path.basename(snap)}: "
+                               "budgets must be trained in increasing order; remove the run to redo it")
+    path = table1.ensure_trained(t1, name, n_train, list(flags) + ["--epochs", str(epochs)], curve_suffix(label))
+    if path is not None:
+        shutil.copy2(path, snap + ".tmp")
+        os.replace(snap + ".tmp", snap)
+        return snap
+    return None
+
+
+def measure(args, t1, ev, label, epochs, path, n):
+    """FID w/o CFG and w/ the label's guided setting of the checkpoint at `epochs` (if not measured)."""
+    model, ckpt = mar.load_checkpoint(path)
+    model.diffloss.set_sampling_steps(t1.num_sampling_steps)
+    tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
+    row = MODELS[label][2]
+    num_iter = table1.ROWS[row][1]
+    for cfg, temperature in ((1.0, 1.0), guided_setting(t1, label, len(ev.train_set))):
+        point = dict(model=label, epochs=epochs, cfg=cfg, temperature=temperature, n=n, seed=t1.seed,
+                     train_steps=ckpt["step"])
+        with table1.claim(args, **point) as mine:
+            if mine:
+                images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg, "linear", temperature)
+                table1.append_record(args.out, dict(point, ref="test", fid=ev.fid(images, "test"),
+                                                    s_per_image=round(s_per_image, 4)), who="curve")
+                write_report(args)
+
+
+def write_report(args):
+    records = [r for r in table1.read_records(args.out) if r["n"] == args.num]
+    series, lines = [], [f"FID of {args.num} samples vs the 10,000 test images against training epochs "
+                         "(experiments/curve.py; docs/curve.png). Guided: each model's CFG scale and temperature "
+                         "chosen by Table 1's sweeps at 2 epochs, fixed along the curve.", "",
+                         "| model | epochs | steps | FID w/o CFG | FID w/ CFG (scale, temperature) |", "|---|---|---|---|---|"]
+    for label in MODELS:
+        pts = {}
+        for r in records:
+            if r["model"] == label:
+                pts.setdefault(r["epochs"], {})["plain" if r["cfg"] == 1.0 else "guided"] = r
+        for e in sorted(pts):
+            p, g = pts[e].get("plain"), pts[e].get("guided")
+            r = p or g
+            lines.append(f"| {label} | {e:g} | {r['train_steps']} | {table1.fmt(p and p['fid'])} | "
+                         + ("-" if g is None else f"{g['fid']:.2f} ({g['cfg']:g}, {g['temperature']:g})") + " |")
+        guided = [(e, pts[e]["guided"]["fid"], "") for e in sorted(pts) if "guided" in pts[e]]
+        if guided:
+            series.append((f"{label} w/ CFG", guided))
+    if series:
+        line_plot(os.path.join(args.docs, "curve.png"), series, "FID (N = 1,000 vs test) against training length",
+                  "training epochs (log scale)", "FID", logx=True)
+    with open(args.table, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}")
+    a("--budgets", default="2,4,8,16", help="training epochs of the curve's points, increasing")
+    a("--runs_dir", default="runs", help="table1.py's runs and cache (the curve's runs are added there)")
+    a("--out", default=os.path.join(ROOT, "experiments", "curve.jsonl"), help="results, one JSON per line")
+    a("--table", default=os.path.join(ROOT, "experiments", "curve.md"), help="the Markdown table")
+    a("--docs", default=os.path.join(ROOT, "docs"), help="where curve.png goes")
+    a("--table-only", dest="table_only", action="store_true", help="only the PNG and Markdown from --out")
+    a("--train_only", action="store_true", help="only the training runs")
+    a("--num", type=int, default=1000, help="samples per FID at each budget")
+    a("--num_final", type=int, default=5000, help="samples per FID at the longest budget")
+    a("--table1_args", default="", help="more table1.py flags (its protocol: --inception, --data_path, ...)")
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",") if b]
+    if [m for m in args.models if m not in MODELS] or args.budgets != sorted(set(args.budgets)):
+        raise ValueError(f"--models from {', '.join(MODELS)}; --budgets increasing, got {args.models}, {args.budgets}")
+    return args
+
+
+def main(argv=None, inception=None):
+    """inception: a feature network to use instead of table1's --inception (the tests' stand-in)."""
+    args = get_args(argv)
+    if args.table_only:
+        write_report(args)
+        print(open(args.table).read())
+        return
+    t1 = table1.get_args(args.table1_args.split() + ["--runs_dir", args.runs_dir])
+    ev = table1.Evaluator(t1, inception)
+    n_train = len(ev.train_set)
+    for label in args.models:
+        seed_from_table1(t1, label, n_train)
+    for epochs in args.budgets:                                 # the short budgets of every model first
+        pending = list(args.models)
+        while pending:
+            for label in list(pending):
+                path = train_to(t1, label, epochs, n_train)
+                if path is not None:
+                    pending.remove(label)
+                    if not args.train_only:
+                        measure(args, t1, ev, label, epochs, path, args.num)
+            if pending:
+                print(f"curve: waiting for {', '.join(pending)} at {epochs} epochs (another process trains them)",
+                      flush=True)
+                table1.time.sleep(30)
+    if not args.train_only:
+        for label in args.models:
+            measure(args, t1, ev, label, args.budgets[-1], snapshot(curve_dir(t1, label), args.budgets[-1]),
+                    args.num_final)
+    write_report(args)
+    print(open(args.table).read())
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"curve.py: error: {e}")
