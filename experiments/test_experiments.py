@@ -1,0 +1,573 @@
+"""
+The tests of the experiment and benchmark scripts: experiments/shapes_judge.py, experiments/table1.py,
+experiments/ablations.py, experiments/diagnose.py, recipe.py, curve.py and benchmarks/*.py (the benchmarks' tests live here too, at the end). Run
+with everything else by `python -m pytest` at the repository root (pytest.ini names this file and
+test_all.py), or alone: `python -m pytest experiments/test_experiments.py`.
+
+Each script runs end to end at toy sizes: Table 1 and the ablations on a 100-image stand-in for
+Fashion-MNIST with a small stand-in for the FID Inception (the real network is tested in test_all.py),
+the benchmarks on tiny models. The numbers are not the point; what the scripts record, skip, share
+between processes and report is.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments"), os.path.join(ROOT, "benchmarks")]
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # as in test_all.py: one thread for numpy's BLAS
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import ablations  # noqa: E402
+import curve  # noqa: E402
+import diagnose  # noqa: E402
+import fid_speed  # noqa: E402
+import flop_bound  # noqa: E402
+import head_ceiling  # noqa: E402
+import mar  # noqa: E402
+import recipe  # noqa: E402
+import speed  # noqa: E402
+import table1  # noqa: E402
+import tokenizer as T  # noqa: E402
+import train  # noqa: E402
+from diffloss import DiffLoss  # noqa: E402
+from experiments import shapes_judge  # noqa: E402  (as test_all.py imports it: one cache of trained judges)
+from mar import AR, MAR, build_model, load_checkpoint  # noqa: E402
+from test_all import TRAIN_TINY, random_inception, write_idx  # noqa: E402  (helpers shared with the core tests)
+
+torch.set_num_threads(1)      # as in test_all.py: small models, a 2-core machine
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_subprocess(monkeypatch):
+    """table1.py trains in train.py subprocesses, which inherit the environment: one thread each, as
+    table1.py's header advises for a small CPU (two threads per process on two busy cores are several
+    times slower)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+# ==============================================================================================
+# The shapes judge (experiments/shapes_judge.py) that measures the demo's sample quality
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A train.py checkpoint of 16x16 shapes (the size of the judge that test_all.py trains), 4x4 patches
+    -> 16 tokens; 2 steps: the judge's command line is under test, not the model."""
+    d = tmp_path_factory.mktemp("tiny_run")
+    train.main(TRAIN_TINY + ["--image_size", "16", "--patch_size", "4", "--max_steps", "2", "--output_dir", str(d)])
+    return d / "checkpoint-last.pth"
+
+
+def test_shapes_judge_scores_real_and_mislabelled_shapes():
+    judge, real_acc = shapes_judge.train_judge(16)           # 16x16: the demo's size (test_all.py trains the same judge)
+    assert real_acc > 0.95, f"the judge itself is unreliable: {real_acc:.2f} on unseen real shapes"
+    x, y = train.make_shapes(10, 16, seed=2)                 # (100, 16, 16) uint8, classes interleaved
+    acc, per_class = shapes_judge.accuracy(judge, x[..., None].numpy(), y)   # (N, S, S, 1) as sample.py writes
+    assert acc > 0.9 and len(per_class) == 10
+    assert math.isclose(acc, sum(per_class) / 10, abs_tol=1e-6)   # balanced classes: the mean of the classes
+    wrong, wrong_per_class = shapes_judge.accuracy(judge, x, (y + 1) % 10)   # every label shifted by one class
+    assert wrong <= 1 - acc + 1e-6 and max(wrong_per_class) < 0.5
+
+
+def test_shapes_judge_cli_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    shapes_judge.main(["--ckpt", str(tiny_checkpoint), "--cfg", "1.0", "2.0", "--temperature", "0.5", "--num_iter", "4",
+                       "--cfg_schedule", "linear", "constant",
+                       "--num_sampling_steps", "5", "--per_class", "2", "--grid", str(tmp_path / "g.png")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "accuracy" in line]
+    assert [line.split(":")[0] for line in lines] == [f"cfg {c} ({s}) temperature 0.5 num_iter 4"
+                                                      for c in (1, 2) for s in ("linear", "constant")]
+    assert all(0 <= float(line.split("accuracy ")[1].split()[0]) <= 1 for line in lines)
+    from PIL import Image
+    assert Image.open(tmp_path / "g.png").size[1] > 10 * 16   # one row of 2 per class
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        shapes_judge.main(["--ckpt", str(tmp_path / "nope.pth")])
+
+
+# ==============================================================================================
+# Table 1 on Fashion-MNIST (experiments/table1.py)
+
+class Features(nn.Module):
+    """The stand-in for the FID Inception (why: test_table1_end_to_end_tiny): uint8 (N, 1, 28, 28) ->
+    (4x4 mean-pooled pixels (N, 16) @ w (16, 8), no logits)."""
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.w, None
+
+
+@pytest.fixture(scope="session")
+def features():
+    """One stand-in for every test (its weights are fixed, it keeps no state)."""
+    return Features()
+
+
+@pytest.fixture(scope="session")
+def fashion_stand_in(tmp_path_factory):
+    """A 100-image stand-in for Fashion-MNIST (28x28 shapes, 10 per class; 20 test images) in idx files,
+    shared (read only) by the Table 1 and ablation tests."""
+    data = tmp_path_factory.mktemp("fmnist")
+    for split, per_class in (("train", 10), ("t10k", 2)):
+        images, labels = train.make_shapes(per_class, 28, seed=len(split))
+        write_idx(str(data / f"{split}-images-idx3-ubyte"), images.numpy())
+        write_idx(str(data / f"{split}-labels-idx1-ubyte"), labels.numpy())
+    return data
+
+
+def test_table1_end_to_end_tiny(tmp_path, fashion_stand_in, features):
+    """experiments/table1.py on a 100-image stand-in for Fashion-MNIST (28x28 shapes in idx files),
+    N = 4: trains the CE run, fits the shared codebook, measures the floor, the tokenizers and one row
+    w/o CFG (--no_cfg), then its CFG sweep; a last call finds everything done. The feature network is a
+    small stand-in (the real Inception is tested in test_all.py): with 2048-d features each FID costs two
+    2048 x 2048 eigendecompositions, minutes for this test on a busy 2-core machine."""
+    data = fashion_stand_in
+    out, table, runs = tmp_path / "t1.jsonl", tmp_path / "t1.md", tmp_path / "runs"
+    argv = ["--rows", "mar16_ce,floor,tokens", "--runs_dir", str(runs), "--out", str(out), "--table", str(table),
+            "--inception", str(tmp_path / "no_such_file.pth"), "--data_path", str(data), "--num_fid", "4", "--num_sweep", "2",
+            "--cfg_grid", "2,3", "--batch", "3", "--num_sampling_steps", "2", "--vq", "8", "--max_steps", "2"]
+    with pytest.raises(FileNotFoundError, match="--inception"):     # the weights file is checked when needed
+        table1.main(argv[:1] + ["floor"] + argv[2:])
+    table1.main(argv + ["--no_cfg"], inception=features)         # the FIDs w/o CFG first, the sweep later
+    assert [(r["row"], r["kind"], r.get("cfg")) for r in map(json.loads, out.read_text().splitlines())] == \
+        [("floor", "floor", None), ("tokens", "tokens", None), ("tokens", "tokens", None), ("mar16_ce", "final", 1.0)]
+    assert "| MAR | random | bidirect | 1 | Diff Loss | not measured yet | - | - | 3.43, 1.84 |" in table.read_text()
+    # a process beside this one measures the CFG-2 sweep point: it is skipped, so the FID w/ CFG waits too
+    lock = table1.measurement_lock(table1.get_args(argv), row="mar16_ce", kind="sweep", cfg=2.0, n=2, train_steps=2,
+                                   seed=0, num_sampling_steps=2)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    open(lock, "w").write(str(holder.pid))
+    table1.main(argv, inception=features)
+    assert [(r["kind"], r.get("cfg")) for r in map(json.loads, out.read_text().splitlines())][4:] == [("sweep", 3.0)]
+    holder.kill()
+    holder.wait()                                                # it died: its lock is taken over
+    table1.main(argv, inception=features)
+    assert not os.path.exists(lock)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows[4:7] = [rows[5], rows[4], rows[6]]                      # sweep points in grid order (2, 3), then the final
+    assert [(r["row"], r["kind"]) for r in rows] == [("floor", "floor"), ("tokens", "tokens"), ("tokens", "tokens"),
+                                                     ("mar16_ce", "final"), ("mar16_ce", "sweep"),
+                                                     ("mar16_ce", "sweep"), ("mar16_ce", "final")]
+    pixel, vq = rows[1], rows[2]
+    assert pixel["tokens"] == "pixel" and pixel["mse"] == 0 and pixel["psnr_db"] is None and vq["tokens"] == "vq8" and vq["mse"] > 0
+    ev = table1.Evaluator(table1.get_args(argv), features)       # exact pixel tokens reuse the cached features
+    assert pixel["rfid"] == pytest.approx(ev.fid(table1.uint8_images(ev.test_set, ev.test_index()), "test"))
+    final = rows[3]
+    assert (final["cfg"], final["n"], final["ref"], final["num_iter"], final["tokens"]) == (1.0, 4, "test", 16, "vq8")
+    assert final["train_steps"] == 2 and final["s_per_image"] > 0 and final["fid"] > 0
+    assert final["recon_mse"] == pytest.approx(vq["mse"]) and final["recon_psnr_db"] == pytest.approx(vq["psnr_db"])
+    best = min(rows[4:6], key=lambda r: r["fid"])
+    assert rows[4]["ref"] == "train" and rows[6]["cfg"] == best["cfg"]      # the sweep's choice, at full N
+    ckpt = T.torch_load(str(runs / "t1_mar_tiny_ce" / "checkpoint-last.pth"))
+    assert torch.equal(ckpt["tokenizer"]["codebook"], T.torch_load(str(runs / "t1_cache" / "codebook_k8.pth"))["codebook"])
+    assert "| MAR | random | bidirect | >1 (16 steps) | CrossEnt (VQ) |" in table.read_text()
+    assert " | 8.79, 3.69 | " in table.read_text()                   # the paper's FIDs beside ours
+    log = (runs / "t1_mar_tiny_ce.log").read_text()
+    assert not (runs / "t1_mar_tiny_ce.lock").exists()                 # released after training
+    table1.main(argv, inception=features)                        # all done: nothing trained or measured again
+    assert len(out.read_text().splitlines()) == len(rows) and (runs / "t1_mar_tiny_ce.log").read_text() == log
+    with pytest.raises(ValueError, match="unknown --rows"):
+        table1.main(argv[:1] + ["mar_ce"] + argv[2:])
+
+
+def test_table1_runs(tmp_path):
+    """Every Table 1 run trains into its own directory with its own flags: the supplementary MAR with the
+    mask ratio in [0, 1] must not reuse (or overwrite) the paper's MAR run, and vice versa."""
+    args = table1.get_args(["--runs_dir", str(tmp_path)])
+    dirs = {name: table1.run_dir(args, name) for name in table1.RUNS}
+    assert len(set(dirs.values())) == len(dirs)
+    for name in table1.RUNS:
+        a = vars(train.get_args(table1.train_argv(args, name) + ["--output_dir", dirs[name]]))
+        assert (a["model"], a["order"], a["head"]) == table1.RUNS[name][:3]
+        if a["model"].startswith("mar_"):
+            assert a["mask_ratio_min"] == (0.0 if name == "mar_diffusion_mr0" else 0.7)
+    assert table1.ROWS["mar16_diffusion_mr0"][0] == "mar_diffusion_mr0"
+
+
+def test_table1_locks(tmp_path, monkeypatch):
+    """table1.py processes share work through lock files: a lock of a running process is respected, one
+    of a dead process (or a pid never written, a minute on) is taken over; cached reference features
+    are computed once, a second process waits for the file instead of computing them again; a run
+    another process trains is left to it."""
+    lock = str(tmp_path / "x.lock")
+    assert table1.take_lock(lock) and open(lock).read() == str(os.getpid())
+    assert not table1.take_lock(lock)                             # held by a running process (this one)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    open(lock, "w").write(dead.stdout.strip())
+    assert table1.take_lock(lock)                                 # its process is gone
+    open(lock, "w").write("")
+    assert not table1.take_lock(lock)                             # pid still being written
+    os.utime(lock, (time.time() - 120,) * 2)
+    assert table1.take_lock(lock)
+
+    args = argparse.Namespace(runs_dir=str(tmp_path), fid_batch=2)
+    path = tmp_path / "t1_cache" / "features_ref.npy"
+    path.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])   # "another process"
+    naps = []   # table1.py's clock: a waiting process polls every 5 s; here it naps 0.05 s and notes it
+    monkeypatch.setattr(table1, "time", argparse.Namespace(
+        time=time.time, sleep=lambda s: naps.append(s) or time.sleep(0.05)))
+    try:
+        open(str(path) + ".lock", "w").write(str(holder.pid))
+        feats = np.arange(6, dtype=np.float32).reshape(3, 2)
+        tmp = tmp_path / "done.npy"
+        np.save(tmp, feats)
+        threading.Timer(0.2, lambda: os.replace(tmp, path)).start()  # it finishes a moment later
+        got = table1.cached_features(args, "ref", lambda: pytest.fail("computed twice"), None)
+        assert np.array_equal(got, feats) and naps                  # it waited for the file
+        t1 = table1.get_args(["--runs_dir", str(tmp_path)])             # a run another process trains: not now
+        open(table1.run_dir(t1, "mar_ce") + ".lock", "w").write(str(holder.pid))
+        assert table1.ensure_trained(t1, "mar_ce", 100) is None and not os.path.exists(table1.run_dir(t1, "mar_ce"))
+    finally:
+        holder.kill()
+
+
+# ==============================================================================================
+# Ablations on Fashion-MNIST (experiments/ablations.py)
+
+def test_ablations_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_in, features):
+    """experiments/ablations.py on test_table1_end_to_end_tiny's stand-ins (28x28 shapes in idx files, a
+    small feature network), N = 4: table1.py first measures its MAR Diffusion Loss row (so it has chosen
+    a CFG scale) and the tokenizers; then every sweep at two settings (the mlp sweep: Table 1's run and a
+    width-24 head trained with train.py --diffloss_w). Each distinct point is measured once, with
+    the settings its record states reaching the sampler; a second call measures nothing; --plots-only
+    rebuilds the same report."""
+    from PIL import Image
+    data = fashion_stand_in
+    runs, t1_out, out, md, plots = (tmp_path / name for name in ("runs", "t1.jsonl", "a.jsonl", "a.md", "plots"))
+    t1_flags = ["--data_path", str(data), "--inception", str(tmp_path / "no_such_file.pth"), "--num_fid", "8",
+                "--num_sweep", "4", "--cfg_grid", "2,3", "--temperature_grid", "", "--num_sampling_steps", "2",
+                "--vq", "8"]                         # (the joint temperature sweep: test_recipe_and_curve_end_to_end_tiny)
+    shared = ["--runs_dir", str(runs), "--batch", "4", "--max_steps", "2"]
+    table1.main(["--rows", "mar16_diffusion,tokens", "--out", str(t1_out), "--table", str(tmp_path / "t1.md")]
+                + t1_flags + shared, inception=features)
+    t1_records = table1.read_records(str(t1_out))
+    w = table1.best_cfg(table1.get_args(t1_flags), t1_records, "mar16_diffusion")
+    assert w in (2.0, 3.0)
+
+    seen, real = [], table1.generate                 # what the sampler receives
+    def spy(model, tokenizer, labels, g, num_iter, cfg, cfg_schedule, temperature):
+        seen.append((model.diffloss.net.input_proj.out_features, model.diffloss.num_sampling_steps,
+                     num_iter if isinstance(model, MAR) else 49, temperature, cfg, cfg_schedule))
+        return real(model, tokenizer, labels, g, num_iter, cfg, cfg_schedule, temperature)
+    monkeypatch.setattr(table1, "generate", spy)
+    argv = ["--out", str(out), "--table", str(md), "--plots_dir", str(plots), "--table1", str(t1_out),
+            "--table1_args", shlex.join(t1_flags), "--num", "4", "--steps_grid", "2,3", "--temperature_grid", "0.5,1",
+            "--cfg_grid", "2", "--widths", "256,24", "--num_iter_grid", "4,16"] + shared
+    ablations.main(argv, inception=features)
+    floor, *points = table1.read_records(str(out))
+    keys = ("run", "diffloss_w", "num_sampling_steps", "num_iter", "temperature", "cfg", "cfg_schedule")
+    settings = lambda r: tuple(r[k] for k in keys)
+    M = "mar_diffusion"
+    expected = ({(M, 256, s, 16, 1.0, c, "linear") for s in (2, 3) for c in (1.0, w)}                 # steps
+                | {(M, 256, 2, 16, t, c, "linear") for t in (0.5, 1.0) for c in (1.0, w)}            # temperature
+                | {(M, 256, 2, 16, 1.0, c, s) for c in (1.0, 2.0) for s in ("linear", "constant")
+                   if c != 1 or s == "linear"}                                                        # cfg
+                | {(M, d, 2, 16, 1.0, c, "linear") for d in (256, 24) for c in (1.0, w)}             # mlp
+                | {(M, 256, 2, k, 1.0, w, "linear") for k in (4, 16)}                                 # speed
+                | {("ar_diffusion", 256, 2, 49, 1.0, 3.0, "linear")})
+    assert sorted(map(settings, points)) == sorted(expected)                   # each distinct point once
+    assert seen == [settings(r)[1:] for r in points]                           # ... sampled with its settings
+    # (after 2 training steps the model hardly uses its class yet: CFG changes no sample, and FIDs cannot show it)
+    assert all((r["kind"], r["n"], r["seed"], r["train_steps"], r["batch"], r["threads"], r["ref"])
+               == ("point", 4, 0, 2, 4, torch.get_num_threads(), "test") and r["s_per_image"] > 0 for r in points)
+    fids = {settings(r): r["fid"] for r in points}
+    assert fids[M, 256, 2, 16, 0.5, 1.0, "linear"] != fids[M, 256, 2, 16, 1.0, 1.0, "linear"]       # temperature
+    assert fids[M, 256, 3, 16, 1.0, 1.0, "linear"] != fids[M, 256, 2, 16, 1.0, 1.0, "linear"]       # diffusion steps
+    heads = {r["diffloss_w"]: r["head_params"] for r in points if r["run"] == M}
+    assert heads[24] < heads[256]                                            # the narrow head was trained
+    assert T.torch_load(str(runs / "t1_mar_tiny_diffusion_w24" / "checkpoint-last.pth"))["args"]["diffloss_w"] == 24
+    source = {settings(r): r["cfg_source"] for r in points}
+    assert source[M, 256, 3, 16, 1.0, w, "linear"] == "table1 mar16_diffusion"
+    assert source[M, 256, 3, 16, 1.0, 1.0, "linear"] is None
+    assert source[M, 256, 2, 16, 1.0, 2.0, "constant"] == "--cfg_grid"
+    assert source["ar_diffusion", 256, 2, 49, 1.0, 3.0, "linear"] == "--cfg"    # Table 1 has no AR row here: --cfg
+    # the floor: N class-balanced training images, the first N of Table 1's reference subset
+    ev = table1.Evaluator(table1.get_args(t1_flags + shared), features)
+    labels = ev.train_set.labels
+    assert torch.equal(table1.balanced_subset(labels, 4, 0), table1.balanced_subset(labels, 8, 0)[:4])
+    train4 = table1.uint8_images(ev.train_set, table1.balanced_subset(labels, 4, 0))
+    assert (floor["kind"], floor["n"]) == ("floor", 4)
+    assert floor["fid"] == pytest.approx(ev.fid(train4, "test"), rel=1e-5)
+    # the report: every study, a plot of each measured one, Table 1's numbers in the tokenizer table
+    report = md.read_text()
+    titles = ["Diffusion sampling steps", "Temperature", "CFG scale", "Denoising MLP", "Speed / quality", "Tokenizers"]
+    for i, title in enumerate(titles):
+        assert f"## {i + 1}. {title}" in report
+    for sweep in ("steps", "temperature", "cfg", "mlp", "speed"):
+        assert f"(plots/ablation_{sweep}.png)" in report
+        assert Image.open(plots / f"ablation_{sweep}.png").size == (760, 500)
+    plain = next(r for r in t1_records if r["row"] == "mar16_diffusion" and r["kind"] == "final" and r["cfg"] == 1.0)
+    vq = next(r for r in t1_records if r.get("tokens") == "vq8")
+    pixel_row, vq_row = [line for line in report.splitlines() if line.startswith(("| pixel patches", "| VQ-8 codes"))]
+    assert "| exact |" in pixel_row and f"| {plain['fid']:.2f} |" in pixel_row
+    assert f"| {vq['rfid']:.2f} | - | - |" in vq_row                            # CE row not measured in Table 1
+    # all done: nothing trained or measured again; --plots-only rebuilds the same files from the JSONL
+    log, pngs = (runs / "t1_ar_tiny_diffusion.log").read_text(), {p.name: p.read_bytes() for p in plots.iterdir()}
+    ablations.main(argv, inception=features)
+    assert len(table1.read_records(str(out))) == 1 + len(points) and len(seen) == len(points)
+    assert (runs / "t1_ar_tiny_diffusion.log").read_text() == log
+    md.unlink()
+    for p in plots.iterdir():
+        p.unlink()
+    ablations.main(argv + ["--plots-only"])
+    assert md.read_text() == report and {p.name: p.read_bytes() for p in plots.iterdir()} == pngs
+    with pytest.raises(ValueError, match="unknown --sweeps"):
+        ablations.main(argv + ["--sweeps", "steps,fig9"])
+    with pytest.raises(ValueError, match="--num must be in 2..8"):
+        ablations.main(argv + ["--num", "9"])
+
+
+# ==============================================================================================
+# Why MAR trails AR: experiments/diagnose.py, recipe.py and curve.py
+
+def tiny_models():
+    """A 3x3-token MAR, and causal ARs in both orders, random weights (eval mode: no dropout)."""
+    kw = dict(seq_len=9, token_dim=4, num_classes=3)
+    torch.manual_seed(0)
+    m = MAR(**kw, encoder_embed_dim=16, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=16, decoder_depth=2,
+            decoder_num_heads=2, buffer_size=2, diffloss_d=1, diffloss_w=16).eval()
+    ars = [AR(**kw, embed_dim=16, depth=2, num_heads=2, diffloss_d=1, diffloss_w=16, order=o).eval()
+           for o in ("raster", "random")]
+    return [m] + ars
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+@torch.no_grad()
+def test_loss_vs_known_matches_a_direct_computation(which):
+    """diagnose.loss_vs_known (batched, chunked, gathered) against one image and one token at a time:
+    for k known, the model's z from exactly those k tokens (MAR: a one-image forward_z with that mask;
+    AR: the slot-k output of a one-image forward in that order) and the per-token loss at the same
+    (t, noise) draws, averaged over the unknown tokens (MAR) or the slot-k tokens (AR), then images."""
+    model = tiny_models()[which]
+    N, L, C = 5, 9, 4
+    x, y = torch.randn(N, L, C, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
+    got = diagnose.loss_vs_known(model, x, y, seed=3, draws=2, chunk_size=3)      # chunks of 3 and 2 images
+    want = []
+    for k in range(L):
+        total = 0.0
+        for b in range(N):
+            c, i = divmod(b, 3)
+            B = 3 if c == 0 else 2
+            t, noise = diagnose.head_draws(3, k, c, (B, L, C), 2)
+            if isinstance(model, MAR):
+                order = diagnose.known_order(3, k, c, B, L)[i]
+                mask = torch.ones(1, L)
+                mask[0, order[:k]] = 0
+                z = model.forward_z(x[b:b + 1], mask, y[b:b + 1])[0]                # the count read off the mask
+                losses = [sum(model.diffloss.loss_per_token(x[b, j][None], z[j][None], t[r, i, j][None],
+                                                            noise[r, i, j][None]) for r in range(2)) / 2
+                          for j in order[k:].tolist()]
+                total += float(sum(losses)) / (L - k)
+            else:
+                order = diagnose.known_order(3, L, c, B, L)[i] if model.order == "random" else torch.arange(L)
+                z = model.forward_z(x[b:b + 1], y[b:b + 1], order[None])[0, k]
+                j = int(order[k])
+                total += float(sum(model.diffloss.loss_per_token(x[b, j][None], z[None], t[r, i, j][None],
+                                                                 noise[r, i, j][None]) for r in range(2)) / 2)
+        want.append(total / N)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_probs_and_uniform_attention_lift():
+    """attention_probs reproduces the Attention module (its probabilities times v, then proj, equal the
+    module's output); with the query/key weights zeroed every key gets the same attention, so the lift
+    on the grid neighbours is exactly 1 in every layer, for MAR's decoder and the causal AR alike."""
+    attn = mar.Attention(16, 2, 0.0, 0.0).eval()
+    x = torch.randn(3, 7, 16)
+    for causal in (False, True):
+        p = diagnose.attention_probs(attn, x, causal)                                  # (B, H, L, L)
+        v = attn.qkv(x).view(3, 7, 3, 2, 8)[:, :, 2].transpose(1, 2)                   # (B, H, L, D/H)
+        torch.testing.assert_close(attn.proj((p @ v).transpose(1, 2).reshape(3, 7, 16)), attn(x, causal))
+    x, y = torch.randn(6, 9, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    for model in tiny_models():
+        with torch.no_grad():
+            for blk in (model.decoder_blocks if isinstance(model, MAR) else model.blocks):
+                blk.attn.qkv.weight[:32].zero_(), blk.attn.qkv.bias[:32].zero_()      # q = k = 0
+        for known in (2, 5):
+            np.testing.assert_allclose(diagnose.attention_lift(model, x, y, known), 1.0, rtol=1e-6)
+
+
+def test_similarity_by_distance_of_sincos_embeddings():
+    """On sincos_2d, the mean cosine similarity at each grid distance equals the closed form averaged
+    over the offsets at that distance, (sum_i cos(w_i dr) + cos(w_i dc)) / (D/2); it falls with
+    distance (negative correlation). Orthogonal embeddings: similarity 0 at every distance."""
+    side, D = 4, 16
+    curve, corr = diagnose.similarity_by_distance(mar.sincos_2d(side * side, D))
+    w = 10000.0 ** (-np.arange(D // 4) / (D // 4))
+    by_d = {}
+    for i in range(side * side):
+        for j in range(i + 1, side * side):
+            dr, dc = i // side - j // side, i % side - j % side
+            by_d.setdefault(round(math.hypot(dr, dc), 4), []).append((np.cos(w * dr) + np.cos(w * dc)).sum() / (D / 2))
+    assert [d for d, _ in curve] == pytest.approx(sorted(by_d))
+    np.testing.assert_allclose([s for _, s in curve], [np.mean(by_d[d]) for d in sorted(by_d)], atol=1e-6)
+    assert corr < -0.5
+    curve, _ = diagnose.similarity_by_distance(torch.eye(9))
+    assert all(abs(s) < 1e-12 for _, s in curve) and curve[0][0] == 1.0
+
+
+def random_checkpoint(path, name, **kw):
+    """A train.py-style checkpoint of a random-weight model on 28x28 pixel tokens (4x4: 49 x 16)."""
+    torch.manual_seed(0)
+    model = build_model(name, seq_len=49, token_dim=16, num_classes=10, **kw)
+    torch.save({"model": model.state_dict(), "model_ema": model.state_dict(), "config": model.config,
+                "tokenizer": T.PixelTokenizer(28, 1, 4).config(), "step": 0}, path)
+    return str(path)
+
+
+def test_diagnose_end_to_end_tiny(tmp_path, fashion_stand_in):
+    """experiments/diagnose.py on two checkpoints and a stand-in for the Fashion-MNIST test set: one JSON
+    line per (checkpoint, diagnostic), the three plots and the table; a second call measures nothing."""
+    data = fashion_stand_in
+    mar_ckpt = random_checkpoint(tmp_path / "mar.pth", "mar_tiny", pos_embed_init="sincos")
+    ar_ckpt = random_checkpoint(tmp_path / "ar.pth", "ar_tiny", order="random")
+    out = tmp_path / "d.jsonl"
+    argv = ["--ckpt", f"MAR sincos={mar_ckpt}", "--ckpt", f"AR random={ar_ckpt}", "--num", "4", "--draws", "1",
+            "--attn_known", "8,40", "--data_path", str(data), "--out", str(out), "--table", str(tmp_path / "d.md"),
+            "--docs", str(tmp_path)]
+    diagnose.main(argv)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["model"], r["kind"]) for r in rows] == [(m, k) for m in ("MAR sincos", "AR random") for k in diagnose.KINDS]
+    assert all(len(r["loss"]) == 49 for r in rows if r["kind"] == "known")
+    pos = {r["model"]: r["embeddings"] for r in rows if r["kind"] == "pos"}
+    assert sorted(pos["MAR sincos"]) == ["decoder_pos", "diffusion_pos", "encoder_pos"]
+    assert pos["MAR sincos"]["decoder_pos"]["corr"] < -0.5                    # sin-cos: organised by distance
+    lifts = {r["model"]: r["lift"] for r in rows if r["kind"] == "attention"}
+    assert {m: {k: len(v) for k, v in lift.items()} for m, lift in lifts.items()} == \
+        {"MAR sincos": {"8": 2, "40": 2}, "AR random": {"8": 4, "40": 4}}   # a lift per decoder / causal block
+    for png in ("diagnose_known.png", "diagnose_pos.png", "diagnose_attention.png"):
+        assert (tmp_path / png).stat().st_size > 0
+    assert "| MAR sincos (0) |" in (tmp_path / "d.md").read_text()
+    diagnose.main(argv)
+    assert len(out.read_text().splitlines()) == len(rows)
+    with pytest.raises(ValueError, match="LABEL=PATH"):
+        diagnose.get_args(["--ckpt", mar_ckpt])
+
+
+def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_in, features):
+    """table1.py's joint CFG / temperature sweep, then recipe.py (Table 1's run sampled with its EMA and
+    its raw weights; a candidate's flags are train.py's, tested in test_all.py), then curve.py (Table 1's run seeds the curve, which trains on to 4 epochs and keeps both budgets'
+    checkpoints), on a 100-image stand-in for Fashion-MNIST with a small feature network."""
+    data = fashion_stand_in
+    runs = tmp_path / "runs"
+    t1_args = ["--data_path", str(data), "--num_fid", "4", "--num_sweep", "4", "--cfg_grid", "2,3",
+               "--temperature_grid", "0.8", "--batch", "4", "--num_sampling_steps", "2",
+               "--inception", str(tmp_path / "none.pth"), "--out", str(tmp_path / "t1.jsonl")]
+    table1.main(["--rows", "mar16_diffusion", "--runs_dir", str(runs), "--table", str(tmp_path / "t1.md")] + t1_args,
+                inception=features)
+    t1 = [json.loads(line) for line in (tmp_path / "t1.jsonl").read_text().splitlines()]
+    joint = [(r["cfg"], r.get("temperature", 1.0)) for r in t1 if r["kind"] == "sweep"]
+    assert sorted(joint) == [(2.0, 0.8), (2.0, 1.0), (3.0, 0.8), (3.0, 1.0)]
+    cfg = min((r for r in t1 if r["kind"] == "sweep" and "temperature" not in r), key=lambda r: r["fid"])["cfg"]
+    best = min((r for r in t1 if r["kind"] == "sweep" and r["cfg"] in (2.0, 3.0)), key=lambda r: r["fid"])
+    tuned = (best["cfg"], best.get("temperature", 1.0))                      # the whole grid is cfg's neighbours
+    assert sorted((r["cfg"], r.get("temperature", 1.0)) for r in t1 if r["kind"] == "final") == \
+        sorted({(1.0, 1.0), (cfg, 1.0), tuned})                             # w/o CFG, w/ CFG, tuned: at N
+    cells = [line for line in (tmp_path / "t1.md").read_text().splitlines() if "| >1 (16 steps) | Diff Loss |" in line]
+    assert f"({tuned[0]:g}, {tuned[1]:g})" in cells[0]
+
+    argv = ["--runs_dir", str(runs), "--table1_args", " ".join(t1_args)]
+    recipe.main(argv + ["--candidates", "paper,raw", "--num", "4", "--out", str(tmp_path / "r.jsonl"),
+                        "--table", str(tmp_path / "r.md")], inception=features)
+    rec = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["candidate"], r["weights"], r["cfg"], r["ref"], r["train_steps"]) for r in rec] == [
+        ("paper", "model_ema", 1.0, "train", 3), ("paper", "model_ema", 6.0, "train", 3),
+        ("raw", "model", 1.0, "train", 3), ("raw", "model", 6.0, "train", 3)]
+    assert rec[0]["fid"] != rec[2]["fid"]                                   # the raw weights are another model
+    assert "| uniform | --mask_ratio_law uniform | model_ema | not measured yet |" in (tmp_path / "r.md").read_text()
+    with pytest.raises(ValueError, match="unknown --candidates"):
+        recipe.get_args(["--candidates", "paper,bigger"])
+
+    monkeypatch.setattr(table1, "RUNNING_S", 0)      # the seeded copy keeps Table 1's fresh mtime
+    curve.main(argv + ["--models", "MAR paper", "--budgets", "2,4", "--num", "4", "--num_final", "8",
+                       "--out", str(tmp_path / "c.jsonl"), "--table", str(tmp_path / "c.md"), "--docs", str(tmp_path)],
+               inception=features)
+    d = runs / "t1_mar_tiny_diffusion_curve"
+    ep2, ep4 = T.torch_load(str(d / "checkpoint-ep002.pth")), T.torch_load(str(d / "checkpoint-ep004.pth"))
+    table1_run = T.torch_load(str(runs / "t1_mar_tiny_diffusion" / "checkpoint-last.pth"))
+    assert (ep2["step"], ep4["step"]) == (3, 6)
+    assert all(torch.equal(ep2["model"][k], table1_run["model"][k]) for k in ep2["model"])
+    cv = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert [(r["epochs"], r["cfg"], r["temperature"], r["n"]) for r in cv] == [
+        (2, 1.0, 1.0, 4), (2, *tuned, 4), (4, 1.0, 1.0, 4), (4, *tuned, 4), (4, 1.0, 1.0, 8), (4, *tuned, 8)]
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+# ==============================================================================================
+# Benchmarks (benchmarks/*.py): their tiny CPU runs keep working, and what they count is exact
+
+def test_speed_benchmark_tiny_cpu(tmp_path, capsys):
+    out = tmp_path / "speed.jsonl"
+    speed.main(["--device", "cpu", "--models", "mar_tiny", "--batch", "2",
+                "--num_iter", "4", "--num_sampling_steps", "5", "--seq_len", "16", "--token_dim", "4",
+                "--train_batch", "2", "--train_steps", "2", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["what"] for r in rows] == ["sample", "train"]
+    for r in rows:
+        assert r["model"] == "mar_tiny" and r["batch"] == 2 and r["dtype"] == "fp32"
+        assert r["peak_mem_gib"] is None and r["device"].startswith("cpu") and r["torch"] == torch.__version__
+    sampling, training = rows
+    assert (sampling["num_iter"], sampling["diff_steps"], sampling["cfg"]) == (4, 5, 3.0)
+    # the tiny VAE decodes too, so the time with the decode exceeds the time without it
+    assert sampling["s_per_image"] > sampling["s_per_image_no_decode"] > 0
+    assert training["images_per_s"] > 0 and training["diffusion_batch_mul"] == 4
+    printed = capsys.readouterr().out
+    assert "sample" in printed and "train" in printed   # the printed table
+
+
+def test_fid_speed_benchmark_runs(tmp_path, capsys):
+    """benchmarks/fid_speed.py end to end on a tiny run (random weights): one row per variant."""
+    path = str(tmp_path / "inception.pth")
+    torch.save(random_inception().state_dict(), path)
+    fid_speed.main(["--inception", path, "--batch", "1", "--size", "8", "--repeats", "1", "--warmup", "0"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert list(rows) == ["reference", "fused"]
+    assert float(rows["reference"][2]) == 1.0 and float(rows["fused"][1]) > 0  # speedup column, images/s
+    assert float(rows["reference"][5]) == 0 and float(rows["fused"][5]) < 1e-3  # max_abs_diff
+
+
+def test_head_ceiling_benchmark(capsys):
+    """benchmarks/head_ceiling.py: its "products alone" are exactly the Linear layers the sampler runs every
+    step (input projection, each block's modulation and MLP, the final modulation and projection), and a
+    tiny run prints one row per CFG setting with the ceiling."""
+    net = DiffLoss(5, 7, 3, 12).net
+    per_step = [net.input_proj] + [m for b in net.res_blocks for m in (b.adaLN_modulation[-1], b.mlp[0], b.mlp[2])]
+    per_step += [net.final_layer.adaLN_modulation[-1], net.final_layer.linear]
+    assert head_ceiling.product_shapes(5, 12, 3) == [(m.in_features, m.out_features) for m in per_step]
+    head_ceiling.main(["--token_dim", "4", "--width", "16", "--depth", "1", "--z_dim", "8", "--rows", "6",
+                       "--steps", "3", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cfg")]
+    assert [r.split(":")[0] for r in rows] == ["cfg 1", "cfg 3"] and all("ceiling speedup" in r for r in rows)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_flop_bound_counts_the_head_exactly(cfg, capsys):
+    """benchmarks/flop_bound.py: the head's counted FLOPs equal the closed form (cond_embed once per
+    token row, the time embedding once per step and call, every per-step Linear once per row and step;
+    under CFG two rows per token), the total adds the Transformer's, and a tiny run prints its bound."""
+    B, num_iter, steps = 3, 4, 5
+    model = build_model("mar_tiny", seq_len=9, token_dim=4, num_classes=3, num_sampling_steps=str(steps)).eval()
+    net = model.diffloss.net
+    Z, w = net.cond_embed.in_features, net.cond_embed.out_features
+    rows = B * model.seq_len * (1 if cfg == 1.0 else 2)                 # head rows over the whole generation
+    per_row_step = sum(i * o for i, o in head_ceiling.product_shapes(model.token_dim, w, len(net.res_blocks)))
+    time_embed = sum(m.in_features * m.out_features for m in net.time_embed.mlp if isinstance(m, nn.Linear))
+    expected = 2 * (rows * Z * w + num_iter * steps * time_embed + steps * rows * per_row_step)
+    total, head = flop_bound.count_flops(model, B, num_iter, cfg)
+    assert head == expected
+    assert total > head and "sample" not in vars(model.diffloss)       # the counting wrapper is gone again
+    flop_bound.main(["--seq_len", "9", "--token_dim", "4", "--num_classes", "3", "--num_sampling_steps", "3",
+                     "--batch", "2", "--num_iter", "3", "--gemm", "64", "--repeats", "1"])
+    assert "largest possible speedup" in capsys.readouterr().out
