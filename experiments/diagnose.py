@@ -64,7 +64,7 @@ def head_draws(seed, k, chunk, shape, draws):
 
 def known_order(seed, k, chunk, batch, seq_len):
     """(B, L) random permutations for known-count k and image chunk: MAR knows the first k positions of
-    each; AR in random order generates in it (k = L, a seed no MAR count uses)."""
+    each; AR in random order generates in it (k = L + repeat, seeds no MAR count uses)."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + k) * 10_007 + chunk + 5_000)
     return torch.rand(batch, seq_len, generator=g).argsort(dim=1)
 
@@ -75,8 +75,10 @@ def head_loss(model, x0, z, t, noise):
 
 
 @torch.no_grad()
-def loss_vs_known(model, tokens, labels, seed=0, draws=4, chunk_size=100):
-    """[mean loss of one unknown token given k known ones for k = 0 .. seq-1] (see the header)."""
+def loss_vs_known(model, tokens, labels, seed=0, draws=4, chunk_size=100, ar_repeats=8):
+    """[mean loss of one unknown token given k known ones for k = 0 .. seq-1] (see the header). MAR
+    averages over the seq - k unknown tokens of each image; AR has one token per image and k, so it
+    averages over ar_repeats passes (new orders for AR random, new draws for both) instead."""
     N, L, C = tokens.shape
     total = torch.zeros(L, dtype=torch.float64)
     for c, lo in enumerate(range(0, N, chunk_size)):
@@ -94,14 +96,15 @@ def loss_vs_known(model, tokens, labels, seed=0, draws=4, chunk_size=100):
                                  t[:, rows, pos].reshape(draws, -1), noise[:, rows, pos].reshape(draws, -1, C))
                 total[k] += loss.double().sum() / (L - k)
         else:                                   # causal AR: slot k is predicted from its k predecessors
-            orders = known_order(seed, L, c, B, L) if model.order == "random" else torch.arange(L).expand(B, -1)
-            z = model.forward_z(x, y, orders)                                   # (B, L, D), slot order
-            for k in range(L):
-                pos = orders[:, k]                                              # (B,) the token of slot k
-                t, noise = head_draws(seed, k, c, (B, L, C), draws)
-                loss = head_loss(model, x[torch.arange(B), pos], z[:, k], t[:, torch.arange(B), pos],
-                                 noise[:, torch.arange(B), pos])
-                total[k] += loss.double().sum()
+            for o in range(ar_repeats):
+                orders = known_order(seed, L + o, c, B, L) if model.order == "random" else torch.arange(L).expand(B, -1)
+                z = model.forward_z(x, y, orders)                               # (B, L, D), slot order
+                for k in range(L):
+                    pos = orders[:, k]                                          # (B,) the token of slot k
+                    t, noise = head_draws(seed, k, c + o * 100_003, (B, L, C), draws)
+                    loss = head_loss(model, x[torch.arange(B), pos], z[:, k], t[:, torch.arange(B), pos],
+                                     noise[:, torch.arange(B), pos])
+                    total[k] += loss.double().sum() / ar_repeats
     return (total / N).tolist()
 
 
@@ -143,6 +146,8 @@ def pos_embed_report(model, tokens, labels):
         model.forward_z(tokens, mask, labels, L - L // 2)
         for h in hs:
             h.remove()
+        # an unknown position's decoder input is mask_token + its position: the position is all that
+        # tells the unknown positions apart, so its norm is compared with the mask token's too
         embs = {"encoder_pos": (model.encoder_pos_embed_learned[0, b:], content),
                 "decoder_pos": (model.decoder_pos_embed_learned[0, b:], seen["decoder"]),
                 "diffusion_pos": (model.diffusion_pos_embed_learned[0], seen["diffusion"])}
@@ -153,6 +158,8 @@ def pos_embed_report(model, tokens, labels):
         curve, corr = similarity_by_distance(e)
         norm = e.norm(dim=-1).mean().item()
         out[name] = dict(norm=norm, content_norm=ref, ratio=norm / ref, corr=corr, curve=curve)
+    if isinstance(model, mar.MAR):
+        out["decoder_pos"]["mask_token_norm"] = model.mask_token.norm().item()
     return out
 
 
@@ -225,24 +232,27 @@ def test_tokens(args, tokenizer):
 
 
 def measure(args, label, path):
-    """Every diagnostic of one checkpoint that the JSONL does not have yet."""
+    """Every diagnostic of one checkpoint that the JSONL does not have yet at these settings."""
     model, ckpt = mar.load_checkpoint(path, args.key)
     key = dict(model=label, train_steps=ckpt["step"], weights=args.key, num=args.num, seed=args.seed)
-    todo = [k for k in args.kinds if not [r for r in read_records(args.out) if r["kind"] == k
-                                          and all(r.get(a) == b for a, b in key.items())
-                                          and (k != "attention" or r["attn_known"] == args.attn_known)]]
+    setting = {"known": {} if isinstance(model, mar.MAR) else dict(ar_repeats=args.ar_repeats), "pos": {},
+               "attention": dict(attn_known=args.attn_known)}
+    have = read_records(args.out)
+    todo = [k for k in args.kinds if not [r for r in have if r["kind"] == k and
+                                          all(r.get(a) == b for a, b in {**key, **setting[k]}.items())]]
     if not todo:
         return
     tokens, labels = test_tokens(args, tk.build_tokenizer(ckpt["tokenizer"]))
     for kind in todo:
         if kind == "known":
-            out = dict(loss=loss_vs_known(model, tokens, labels, args.seed, args.draws))
+            out = dict(draws=args.draws, loss=loss_vs_known(model, tokens, labels, args.seed, args.draws,
+                                                            ar_repeats=args.ar_repeats))
         elif kind == "pos":
             out = dict(embeddings=pos_embed_report(model, tokens[:200], labels[:200]))
         else:
-            out = dict(attn_known=args.attn_known,
-                       lift={k: attention_lift(model, tokens[:200], labels[:200], k, args.seed) for k in args.attn_known})
-        rec = dict(key, kind=kind, ckpt=path, **out, time=datetime.datetime.now().isoformat(timespec="seconds"))
+            out = dict(lift={k: attention_lift(model, tokens[:200], labels[:200], k, args.seed) for k in args.attn_known})
+        rec = dict(key, kind=kind, **setting[kind], ckpt=path, **out,
+                   time=datetime.datetime.now().isoformat(timespec="seconds"))
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
         print(f"diagnose: {label} ({ckpt['step']} steps): {kind} done", flush=True)
@@ -285,7 +295,8 @@ def write_report(args):
         for m, r in pos.items():
             for name, e in r["embeddings"].items():
                 c = dict(e["curve"])
-                lines.append(f"| {m} | {name} | {e['norm']:.3f} | {e['content_norm']:.3f} | {e['ratio']:.3f} | "
+                mask = f" (mask token {e['mask_token_norm']:.3f})" if "mask_token_norm" in e else ""
+                lines.append(f"| {m} | {name} | {e['norm']:.3f} | {e['content_norm']:.3f}{mask} | {e['ratio']:.3f} | "
                              f"{e['corr']:.3f} | {c.get(1.0, float('nan')):.3f} | {c.get(2.0, float('nan')):.3f} |")
         lines.append("")
     if att:
@@ -314,6 +325,7 @@ def get_args(argv=None):
     a("--key", default="model_ema", choices=("model_ema", "model"), help="EMA weights (sampling's) or raw")
     a("--num", type=int, default=500, help="test images")
     a("--draws", type=int, default=4, help="(t, noise) draws per token for the loss")
+    a("--ar_repeats", type=int, default=8, help="AR: passes over the images (new orders / draws) for the loss")
     a("--attn_known", default="8,24,40", help="known-token counts of the attention diagnostic")
     a("--seed", type=int, default=0)
     a("--data_path", default=None, help=f"Fashion-MNIST idx directory (default {tk.FASHION_MNIST_DIR})")

@@ -349,11 +349,12 @@ def test_loss_vs_known_matches_a_direct_computation(which):
     """diagnose.loss_vs_known (batched, chunked, gathered) against one image and one token at a time:
     for k known, the model's z from exactly those k tokens (MAR: a one-image forward_z with that mask;
     AR: the slot-k output of a one-image forward in that order) and the per-token loss at the same
-    (t, noise) draws, averaged over the unknown tokens (MAR) or the slot-k tokens (AR), then images."""
+    (t, noise) draws, averaged over the unknown tokens (MAR) or the slot-k tokens of the repeats (AR),
+    then images."""
     model = tiny_models()[which]
     N, L, C = 5, 9, 4
     x, y = torch.randn(N, L, C, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
-    got = diagnose.loss_vs_known(model, x, y, seed=3, draws=2, chunk_size=3)      # chunks of 3 and 2 images
+    got = diagnose.loss_vs_known(model, x, y, seed=3, draws=2, chunk_size=3, ar_repeats=2)  # chunks of 3, 2
     want = []
     for k in range(L):
         total = 0.0
@@ -370,12 +371,14 @@ def test_loss_vs_known_matches_a_direct_computation(which):
                                                             noise[r, i, j][None]) for r in range(2)) / 2
                           for j in order[k:].tolist()]
                 total += float(sum(losses)) / (L - k)
-            else:
-                order = diagnose.known_order(3, L, c, B, L)[i] if model.order == "random" else torch.arange(L)
-                z = model.forward_z(x[b:b + 1], y[b:b + 1], order[None])[0, k]
-                j = int(order[k])
-                total += float(sum(model.diffloss.loss_per_token(x[b, j][None], z[None], t[r, i, j][None],
-                                                                 noise[r, i, j][None]) for r in range(2)) / 2)
+            else:                                                               # 2 repeats: orders, draws
+                for o in range(2):
+                    t, noise = diagnose.head_draws(3, k, c + o * 100_003, (B, L, C), 2)
+                    order = diagnose.known_order(3, L + o, c, B, L)[i] if model.order == "random" else torch.arange(L)
+                    z = model.forward_z(x[b:b + 1], y[b:b + 1], order[None])[0, k]
+                    j = int(order[k])
+                    total += float(sum(model.diffloss.loss_per_token(x[b, j][None], z[None], t[r, i, j][None],
+                                                                     noise[r, i, j][None]) for r in range(2)) / 4)
         want.append(total / N)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
