@@ -39,7 +39,7 @@ Protocol (every choice):
     mask ratio min 0 (train.py --mask_ratio_min 0: N(1, 0.25) truncated to [0, 1], so only ~4% of its
     steps know more than 24 tokens) instead of the paper's [0.7, 1], an 8th run. The
     paper's range never shows the model more than 14 known tokens in training, while the 16-step
-    generation predicts 31 of the 49 tokens with more known (up to 45); the row measures what that
+    generation predicts 34 of the 49 tokens with more known (15 to 45); the row measures what that
     costs at this scale.
   * Sampling: EMA weights, fp32, batches of --batch (250) images, temperature 1.0, the linear CFG
     schedule (the paper's), 100 diffusion steps per token (the paper's), labels class-balanced
