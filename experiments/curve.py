@@ -27,10 +27,9 @@ steps, AR with 49; EMA weights; 100 diffusion steps; Table 1's seeded batches.
 """
 import argparse
 import os
+import shlex
 import shutil
 import sys
-
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
@@ -38,6 +37,7 @@ import mar  # noqa: E402
 import recipe  # noqa: E402
 import table1  # noqa: E402
 import tokenizer as tk  # noqa: E402
+import train  # noqa: E402
 from ablations import line_plot  # noqa: E402
 
 # label -> (table1.RUNS name, extra train.py flags, Table 1 row whose sampling it uses)
@@ -75,7 +75,7 @@ def curve_dir(t1, label):
 def steps_at(t1, label, epochs, n_train):
     """The step train.py stops at for `label` trained to `epochs`."""
     name, flags, _ = MODELS[label]
-    return table1.total_steps(table1.train.get_args(table1.train_argv(t1, name) + list(flags)
+    return table1.total_steps(train.get_args(table1.train_argv(t1, name) + list(flags)
                                                     + ["--epochs", str(epochs)]), n_train)
 
 
@@ -194,7 +194,7 @@ def main(argv=None, inception=None):
         write_report(args)
         print(open(args.table).read())
         return
-    t1 = table1.get_args(args.table1_args.split() + ["--runs_dir", args.runs_dir])
+    t1 = table1.get_args(shlex.split(args.table1_args) + ["--runs_dir", args.runs_dir])
     ev = table1.Evaluator(t1, inception)
     n_train = len(ev.train_set)
     for label in args.models:

@@ -28,9 +28,8 @@ N = 5,000 against the test set is Table 1's row for the recipe).
 """
 import argparse
 import os
+import shlex
 import sys
-
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
@@ -133,7 +132,7 @@ def main(argv=None, inception=None):
         write_table(args)
         print(open(args.table).read())
         return
-    t1 = table1.get_args(args.table1_args.split() + ["--runs_dir", args.runs_dir]
+    t1 = table1.get_args(shlex.split(args.table1_args) + ["--runs_dir", args.runs_dir]
                          + (["--max_steps", str(args.max_steps)] if args.max_steps else []))
     if not 2 <= args.num <= t1.num_fid:
         raise ValueError(f"--num must be in 2..{t1.num_fid} (the training-set reference holds --num_fid images)")
