@@ -188,6 +188,12 @@ def discretized_gaussian_nll(x, mean, log_scale):
     return -log_probs
 
 
+def masked_rows(mask, n):
+    """The n positions where the 0/1 vector mask is nonzero, ascending. n is a host-side int, so the
+    shape is static (no device-to-host read, as boolean indexing needs); a stable sort keeps order."""
+    return (mask == 0).to(torch.uint8).argsort(stable=True)[:n]
+
+
 # ----------------------------------------------------------------------------------------------
 
 class DiffLoss(nn.Module):
@@ -224,11 +230,19 @@ class DiffLoss(nn.Module):
 
     # -- training ------------------------------------------------------------------------------
 
-    def forward(self, target, z, mask=None):
-        """target (N, C) tokens, z (N, Z) conditions, mask (N,) weights (1 = counts) -> scalar loss."""
+    def forward(self, target, z, mask=None, num_masked=None):
+        """target (N, C) tokens, z (N, Z) conditions, mask (N,) weights (1 = counts) -> scalar loss.
+        num_masked: if the caller knows that mask is 0/1 with this many ones (a host-side int, as MAR
+        does), only those rows go through the MLP: the same (t, noise) draws and the same loss up to
+        float summation order, without the work on rows that do not count."""
         self._check(z, target=target, mask=mask)
-        t = torch.randint(0, NUM_TRAIN_STEPS, (target.shape[0],), device=target.device)
-        loss = self.loss_per_token(target.float(), z, t)
+        x0 = target.float()
+        t = torch.randint(0, NUM_TRAIN_STEPS, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)                              # drawn for every row either way
+        if mask is not None and num_masked is not None:
+            rows = masked_rows(mask, num_masked)
+            return self.loss_per_token(x0[rows], z[rows], t[rows], noise[rows]).mean()
+        loss = self.loss_per_token(x0, z, t, noise)
         if mask is None:
             return loss.mean()
         mask = mask.to(loss.dtype)

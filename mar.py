@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from diffloss import DiffLoss
+from diffloss import DiffLoss, masked_rows
 from tokenizer import load_state_dict_strict, nearest_code, torch_load
 
 
@@ -383,12 +383,13 @@ class MAR(nn.Module):
         buffer = torch.ones(mask.shape[0], self.buffer_size, dtype=torch.bool, device=mask.device)
         return index_of(torch.cat([buffer, mask == 0], dim=1), self.buffer_size + mask.shape[1] - num_masked)
 
-    def forward_loss(self, z, target, mask):
-        """Diffusion Loss on the masked tokens, each repeated diffusion_batch_mul times (Sec. 3.2)."""
+    def forward_loss(self, z, target, mask, num_masked=None):
+        """Diffusion Loss on the masked tokens, each repeated diffusion_batch_mul times (Sec. 3.2).
+        num_masked (per row, if known): the head then runs on the masked rows only (DiffLoss.forward)."""
         B, L, C = target.shape
         m = self.diffusion_batch_mul
         return self.diffloss(target.reshape(B * L, C).repeat(m, 1), z.reshape(B * L, -1).repeat(m, 1),
-                             mask.reshape(B * L).repeat(m))
+                             mask.reshape(B * L).repeat(m), None if num_masked is None else B * num_masked * m)
 
     def forward(self, tokens, labels):
         """One training step's loss: random mask, z from the known tokens, loss on the unknown ones.
@@ -396,7 +397,7 @@ class MAR(nn.Module):
         that label drop still trains fake_latent and sampling with random labels stays consistent)."""
         num_masked = self.mask_count()
         mask = self.random_mask(tokens.shape[0], tokens.device, num_masked)     # (B, seq)
-        return self.forward_loss(self.forward_z(tokens, mask, labels, num_masked), tokens, mask)
+        return self.forward_loss(self.forward_z(tokens, mask, labels, num_masked), tokens, mask, num_masked)
 
     # -- generation (Sec. 3.5, Fig. 3) ---------------------------------------------------------
 
@@ -624,8 +625,11 @@ class _PointHead(nn.Module):
 
     _check = DiffLoss._check        # the same shape contract and error messages
 
-    def forward(self, target, z, mask=None):
+    def forward(self, target, z, mask=None, num_masked=None):
         self._check(z, target=target, mask=mask)
+        if mask is not None and num_masked is not None:                     # as DiffLoss: the rows that count
+            rows = masked_rows(mask, num_masked)
+            target, z, mask = target[rows], z[rows], None
         loss = self.loss_per_token(target.float(), self.net(z).float())    # (N,)
         if mask is None:
             return loss.mean()

@@ -301,6 +301,44 @@ def test_masked_tokens_give_no_gradient():
     assert torch.all(row_grad[mask == 1] > 0)
 
 
+def test_loss_on_the_masked_rows_only():
+    """forward(num_masked=n) runs the MLP on the n masked rows only: the same seed gives the same
+    (t, noise) draws, so the loss and every gradient equal the full computation's masked mean (up to
+    float summation order), at n/N of the matrix-product FLOPs. MAR.forward passes its count; the
+    CE / L2 heads take it too."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    head = DiffLoss(4, 6, depth=2, width=16)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, z = torch.randn(12, 4), torch.randn(12, 6)
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0], dtype=torch.float32)
+
+    def run(**kw):
+        zz = z.clone().requires_grad_()
+        head.zero_grad()
+        torch.manual_seed(1)
+        with FlopCounterMode(display=False) as flops:
+            loss = head(x, zz, mask, **kw)
+        loss.backward()
+        return loss, [zz.grad] + [p.grad.clone() for p in head.parameters()], flops.get_total_flops()
+    (full, g_full, f_full), (fast, g_fast, f_fast) = run(), run(num_masked=5)
+    torch.testing.assert_close(fast, full, rtol=1e-6, atol=0)
+    for a, b in zip(g_fast, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert f_fast * 12 == f_full * 5
+    for name, kw in (("mar_tiny", {}), ("mar_tiny", dict(head="l2"))):
+        model = tiny(name, **kw).train()
+        tokens, labels = torch.randn(3, SEQ, DIM), torch.tensor([0, 1, 2])
+        torch.manual_seed(2)
+        fast = model(tokens, labels)
+        torch.manual_seed(2)                       # MAR.forward's steps, the head on every row
+        n = model.mask_count()
+        mask = model.random_mask(3, "cpu", n)
+        full = model.forward_loss(model.forward_z(tokens, mask, labels, n), tokens, mask)
+        torch.testing.assert_close(fast, full, rtol=1e-6, atol=0)
+
+
 def test_diffloss_bad_inputs_say_what_was_expected():
     head = DiffLoss(4, 6, depth=1, width=8)
     with pytest.raises(ValueError, match=r"target has 5 rows but z has 4"):

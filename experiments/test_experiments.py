@@ -35,6 +35,7 @@ import diagnose  # noqa: E402
 import fid_speed  # noqa: E402
 import flop_bound  # noqa: E402
 import head_ceiling  # noqa: E402
+import masked_rows  # noqa: E402
 import mar  # noqa: E402
 import recipe  # noqa: E402
 import speed  # noqa: E402
@@ -510,6 +511,14 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
 
 # ==============================================================================================
 # Benchmarks (benchmarks/*.py): their tiny CPU runs keep working, and what they count is exact
+
+def test_masked_rows_benchmark_runs(capsys):
+    rows = masked_rows.main(["--laws", "truncnorm,uniform", "--batch", "2", "--seq_len", "16", "--token_dim", "4",
+                             "--steps", "1", "--repeats", "1"])
+    assert [r["law"] for r in rows] == ["truncnorm", "uniform"]
+    assert all(r["full_s"] > 0 and r["masked_only_s"] > 0 for r in rows)
+    assert "masked rows only" in capsys.readouterr().out
+
 
 def test_speed_benchmark_tiny_cpu(tmp_path, capsys):
     out = tmp_path / "speed.jsonl"
