@@ -22,7 +22,7 @@ import time
 from fractions import Fraction
 
 # One thread: the models under test are small, and on a 2-core machine torch's thread pool costs
-# more in synchronisation than it gains (measured: 19 s with 1 thread vs 287 s with 2 on the MAR tests).
+# more in synchronisation than it gains.
 # numpy's BLAS too (set before numpy loads it): after torch has run, its two threads made a 128-d FID
 # take seconds instead of milliseconds.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -8,7 +8,7 @@ the paper's recipe (Sec. 5, App. A) -> checkpoints that sample.py and mar.load_c
 
 Run:
   python train.py                      # mar_tiny on the built-in 16x16 shapes, 12 epochs (1,875 steps) in
-                                       # about 5 minutes on a 2-core CPU: output/checkpoint-last.pth,
+                                       # minutes on a 2-core CPU: output/checkpoint-last.pth,
                                        # metrics.jsonl and samples_0001875.png (8 per class, one row each)
   python sample.py --cfg 3.0           # sample from output/checkpoint-last.pth
 
