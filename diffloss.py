@@ -189,9 +189,11 @@ def discretized_gaussian_nll(x, mean, log_scale):
 
 
 def masked_rows(mask, n):
-    """The n positions where the 0/1 vector mask is nonzero, ascending. n is a host-side int, so the
-    shape is static (no device-to-host read, as boolean indexing needs); a stable sort keeps order."""
-    return (mask == 0).to(torch.uint8).argsort(stable=True)[:n]
+    """The positions of the n nonzero (or True) entries of mask along its last dimension, ascending;
+    every row must hold exactly n. n is a host-side int, so the shape is static: the same elements in
+    the same order as boolean indexing, which must read the count back from the device (a stable sort
+    keeps the nonzero positions in their original order)."""
+    return (mask == 0).to(torch.uint8).argsort(dim=-1, stable=True)[..., :n]
 
 
 # ----------------------------------------------------------------------------------------------

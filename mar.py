@@ -109,12 +109,9 @@ def run_blocks(blocks, x, grad_checkpointing, causal=False, caches=None):
     return x
 
 
-def index_of(flags, n):
-    """(B, n) positions of the True entries of flags (B, L), ascending in each row; every row must hold
-    exactly n of them. n is a host-side int, so the result has a static shape: this replaces boolean
-    indexing (x[flags], which must read the count back from the device) with the same elements in the
-    same order (a stable sort keeps the True positions in their original order)."""
-    return (~flags).to(torch.uint8).argsort(dim=1, stable=True)[:, :n]
+# (B, n) positions of the True entries of flags (B, L), ascending: the static-shape replacement of
+# boolean indexing that the masking and the generation loop use (the same as DiffLoss's row selection).
+index_of = masked_rows
 
 
 def gather_rows(x, index):
