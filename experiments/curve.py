@@ -65,7 +65,7 @@ def guided_setting(t1, label, n_train):
 
 
 def curve_suffix(label):
-    return "_curve" + recipe.suffix(MODELS[label][1])
+    return "_curve" + table1.flag_suffix(MODELS[label][1])
 
 
 def curve_dir(t1, label):
@@ -75,8 +75,8 @@ def curve_dir(t1, label):
 def steps_at(t1, label, epochs, n_train):
     """The step train.py stops at for `label` trained to `epochs`."""
     name, flags, _ = MODELS[label]
-    return table1.total_steps(train.get_args(table1.train_argv(t1, name) + list(flags)
-                                                    + ["--epochs", str(epochs)]), n_train)
+    argv = table1.train_argv(t1, name) + list(flags) + ["--epochs", str(epochs)]
+    return table1.total_steps(train.get_args(argv), n_train)
 
 
 def snapshot(run_dir, epochs):
@@ -87,7 +87,7 @@ def seed_from_table1(t1, label, n_train):
     """Start the curve's run from Table 1's finished 2-epoch run (the same run; saves its 2 epochs):
     table1.py's run, or recipe.py's candidate run for the recipe."""
     name, flags, _ = MODELS[label]
-    src, dst = table1.run_dir(t1, name, recipe.suffix(flags)), curve_dir(t1, label)
+    src, dst = table1.run_dir(t1, name, table1.flag_suffix(flags)), curve_dir(t1, label)
     ckpt = os.path.join(src, "checkpoint-last.pth")
     if os.path.exists(dst) or not os.path.exists(ckpt) or \
             tk.torch_load(ckpt)["step"] != steps_at(t1, label, TABLE1_EPOCHS, n_train):

@@ -55,14 +55,9 @@ CANDIDATES = {
 CHOSEN = None
 
 
-def suffix(flags):
-    """The run directory's suffix for extra train.py flags, e.g. _mask_ratio_law_uniform."""
-    return "".join("_" + f.lstrip("-") for f in flags)
-
-
 def training_spec(name):
     """table1.ensure_trained's (run, extra flags, directory suffix) of a candidate."""
-    return RUN, CANDIDATES[name][0], suffix(CANDIDATES[name][0])
+    return RUN, CANDIDATES[name][0], table1.flag_suffix(CANDIDATES[name][0])
 
 
 def measure(args, t1, ev, name, path):

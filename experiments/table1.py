@@ -199,10 +199,15 @@ def append_record(path, record, who="table1"):
 # ------------------------------------------------------------------------------------------------
 # Training: train.py in a subprocess, reusing / resuming what RUNS_DIR holds
 # ------------------------------------------------------------------------------------------------
+def flag_suffix(flags):
+    """A run directory's suffix for extra train.py flags, e.g. _mask_ratio_min_0."""
+    return "".join("_" + f.lstrip("-") for f in flags)
+
+
 def run_dir(args, name, suffix=""):
     model, order, head, flags = RUNS[name]
-    tag = "".join("_" + f.lstrip("-") for f in flags)           # e.g. _mask_ratio_min_0
-    return os.path.join(args.runs_dir, f"t1_{model}{'_random' if order == 'random' else ''}_{head}{tag}{suffix}")
+    return os.path.join(args.runs_dir, f"t1_{model}{'_random' if order == 'random' else ''}_{head}"
+                                       f"{flag_suffix(flags)}{suffix}")
 
 
 def codebook_path(args):
