@@ -101,7 +101,7 @@ ROW_LOSS = {"mar16_diffusion": "Diff Loss", "mar16_ce": "CrossEnt"}      # Table
 # ------------------------------------------------------------------------------------------------
 def guidance(t1, t1_records, row, default):
     """(scale, source) for the w/ CFG curves: Table 1's choice for `row` once its sweep is complete."""
-    w = table1.best_cfg(t1, t1_records, row)
+    w = table1.best_cfg(t1, t1_records, row, **(table1.latest_key(t1_records, row=row, kind="sweep") or {}))
     return (w, f"table1 {row}") if w is not None else (default, "--cfg")
 
 
@@ -154,7 +154,7 @@ def training_spec(run, width):
 def load_run(path):
     """-> (model, tokenizer, what the records say about the run)."""
     model, ckpt = mar.load_checkpoint(path)
-    info = dict(train_steps=ckpt["step"], train_time_s=table1.training_time(os.path.dirname(path)),
+    info = dict(table1.checkpoint_key(model, ckpt), train_time_s=table1.training_time(os.path.dirname(path)),
                 params=sum(p.numel() for p in model.parameters()),
                 head_params=sum(p.numel() for p in model.diffloss.parameters()))
     return model, tk.build_tokenizer(ckpt["tokenizer"]), info
@@ -175,7 +175,7 @@ def measure(args, t1, ev, runs, sweep, t1_records):
         for x in curve["grid"]:
             p = point(curve, x)
             model, tokenizer, info = runs[p["run"], p["diffloss_w"]]
-            key = dict(p, n=args.num, seed=t1.seed, train_steps=info["train_steps"])
+            key = dict(p, n=args.num, seed=t1.seed, train_steps=info["train_steps"], weights_sha=info["weights_sha"])
             with table1.claim(args, kind="point", **key) as mine:
                 if not mine:
                     continue
@@ -309,8 +309,10 @@ def tokenizer_table(t1, t1_records):
     for row, name, label in (("mar16_diffusion", "pixel", "pixel patches = VQ pre-quantization (continuous)"),
                              ("mar16_ce", f"vq{t1.vq}", f"VQ-{t1.vq} codes (discrete)")):
         finals = table1.find(t1_records, row=row, kind="final", n=t1.num_fid, **table1.setting(t1))
+        key = table1.latest_key(finals) or {}                    # Table 1's latest weights of the row
+        finals = table1.find(finals, **key)
         plain = [r for r in finals if r["cfg"] == 1.0]
-        w = table1.best_cfg(t1, t1_records, row)
+        w = table1.best_cfg(t1, t1_records, row, **key)
         guided = [r for r in finals if r["cfg"] == w]
         t = tokens.get(name)
         cells = [label, ROW_LOSS[row], table1.fmt(t and t["mse"], 4),

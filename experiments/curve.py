@@ -56,8 +56,9 @@ def guided_setting(t1, label, n_train):
     joint CFG / temperature sweep's once complete, else the CFG sweep's at temperature 1.0."""
     row, records = MODELS[label][2], table1.read_records(t1.out)
     steps = steps_at(t1, label, TABLE1_EPOCHS, n_train)
-    joint = table1.best_setting(t1, records, row, train_steps=steps)
-    cfg = table1.best_cfg(t1, records, row, train_steps=steps)
+    key = table1.latest_key(records, row=row, kind="sweep", train_steps=steps) or dict(train_steps=steps)
+    joint = table1.best_setting(t1, records, row, **key)      # of the latest 2-epoch weights Table 1 swept
+    cfg = table1.best_cfg(t1, records, row, **key)
     if joint is None and cfg is None:
         raise RuntimeError(f"{label}: Table 1 has no CFG sweep of row {row} at {steps} steps yet: run "
                            f"experiments/table1.py --rows {row} first (the curve samples with its choice)")
@@ -130,7 +131,7 @@ def measure(args, t1, ev, label, epochs, path, n):
     num_iter = table1.ROWS[row][1]
     for cfg, temperature in ((1.0, 1.0), guided_setting(t1, label, len(ev.train_set))):
         point = dict(model=label, epochs=epochs, cfg=cfg, temperature=temperature, n=n, seed=t1.seed,
-                     train_steps=ckpt["step"])
+                     **table1.checkpoint_key(model, ckpt))
         with table1.claim(args, **point) as mine:
             if mine:
                 images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg, "linear", temperature)

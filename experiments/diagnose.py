@@ -234,7 +234,7 @@ def test_tokens(args, tokenizer):
 def measure(args, label, path):
     """Every diagnostic of one checkpoint that the JSONL does not have yet at these settings."""
     model, ckpt = mar.load_checkpoint(path, args.key)
-    key = dict(model=label, train_steps=ckpt["step"], weights=args.key, num=args.num, seed=args.seed)
+    key = dict(model=label, **table1.checkpoint_key(model, ckpt), weights=args.key, num=args.num, seed=args.seed)
     setting = {"known": {} if isinstance(model, mar.MAR) else dict(ar_repeats=args.ar_repeats), "pos": {},
                "attention": dict(attn_known=args.attn_known)}
     have = read_records(args.out)

@@ -66,7 +66,7 @@ def measure(args, t1, ev, name, path):
     model.diffloss.set_sampling_steps(t1.num_sampling_steps)
     tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
     for cfg in (1.0, args.cfg):
-        point = dict(candidate=name, cfg=cfg, n=args.num, seed=t1.seed, train_steps=ckpt["step"])
+        point = dict(candidate=name, cfg=cfg, n=args.num, seed=t1.seed, **table1.checkpoint_key(model, ckpt))
         with table1.claim(args, **point) as mine:
             if mine:
                 images, s_per_image = ev.sample(model, tokenizer, args.num, MAR_STEPS, cfg)
@@ -78,14 +78,15 @@ def measure(args, t1, ev, name, path):
 
 
 def write_table(args):
-    records = table1.read_records(args.out)
-    latest = {(r["candidate"], r["cfg"]): r for r in records if r["n"] == args.num}       # the latest of each
+    records = [r for r in table1.read_records(args.out) if r["n"] == args.num]
     lines = [f"FID of {args.num} samples vs the training-set reference (MAR, {MAR_STEPS} steps, temperature 1.0; "
              "lower is better). Written by experiments/recipe.py from experiments/recipe.jsonl.", "",
              f"| candidate | train.py flags | weights | FID w/o CFG | FID w/ CFG {args.cfg:g} | train steps | train time |",
              "|---|---|---|---|---|---|---|"]
     for name in CANDIDATES:
-        plain, guided = latest.get((name, 1.0)), latest.get((name, args.cfg))
+        key = table1.latest_key(records, candidate=name) or {}    # the candidate's latest weights measured
+        latest = {r["cfg"]: r for r in table1.find(records, candidate=name, **key)}
+        plain, guided = latest.get(1.0), latest.get(args.cfg)
         r = plain or guided
         if r is None:
             lines.append(f"| {name} | {' '.join(CANDIDATES[name][0]) or '-'} | {CANDIDATES[name][1]} | "

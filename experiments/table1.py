@@ -67,11 +67,14 @@ one; --cfg_grid (fewer points), --num_sweep and --num_sampling_steps are the kno
 A run already in RUNS_DIR counts as done when its checkpoint's step is the run's total and its
 arguments match COMMON + its own (so runs started by hand with the same arguments are reused); an
 unfinished one is resumed, unless its log changed in the last 10 minutes (it is probably still
-running: wait for it).
+running: wait for it). A measurement is keyed on its checkpoint's step and a digest of its weights
+(weights_sha): a run retrained from scratch (its checkpoint lost, say) is not bitwise the run before it,
+so its points are measured again instead of being pooled with the old weights' in one sweep or row.
 """
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -151,6 +154,30 @@ def read_records(path):
 
 def find(records, **key):
     return [r for r in records if all(r.get(k) == v for k, v in key.items())]
+
+
+def weights_sha(model):
+    """12 hex digits of a SHA-256 over the weights a measurement samples with (state_dict order): which
+    checkpoint a record measured. A run retrained from scratch is not bitwise the run before it (a code
+    change that reorders one float sum changes every later step), so records are pooled (a skipped
+    measurement, a sweep's choice, the columns of one table row) only among the same weights, not only
+    the same step. Records written before this field have none (None)."""
+    h = hashlib.sha256()
+    for name, v in model.state_dict().items():
+        h.update(name.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def checkpoint_key(model, ckpt):
+    """What identifies a measured checkpoint in the records: its step and its weights."""
+    return dict(train_steps=ckpt["step"], weights_sha=weights_sha(model))
+
+
+def latest_key(records, **match):
+    """checkpoint_key of the latest record matching `match` (None if none): the checkpoint a table shows."""
+    found = find(records, **match)
+    return found and {k: found[-1].get(k) for k in ("train_steps", "weights_sha")} or None
 
 
 def setting(args):
@@ -479,7 +506,8 @@ def evaluate_row(args, ev, row, ckpt_path):
     model.diffloss.set_sampling_steps(args.num_sampling_steps)
     tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
     recon_mse, recon_psnr, _ = token_quality(tokenizer, uint8_images(ev.test_set, torch.arange(len(ev.test_set))))
-    common = dict(row=row, run=run, num_iter=num_iter or SEQ_LEN, train_steps=ckpt["step"],
+    ckpt_key = checkpoint_key(model, ckpt)
+    common = dict(row=row, run=run, num_iter=num_iter or SEQ_LEN, **ckpt_key,
                   recon_mse=recon_mse, recon_psnr_db=recon_psnr,       # the tokenizer on the test images
                   train_time_s=training_time(os.path.dirname(ckpt_path)),
                   params=sum(p.numel() for p in model.parameters()),
@@ -487,9 +515,9 @@ def evaluate_row(args, ev, row, ckpt_path):
                   batch=args.batch, threads=torch.get_num_threads(), **setting(args),
                   tokens=f"vq{tokenizer.num_codes}" if isinstance(tokenizer, tk.VQTokenizer) else "pixel")
 
-    def measure(kind, cfg, n, ref, temperature=1.0):   # a checkpoint trained further (other train_steps) is
+    def measure(kind, cfg, n, ref, temperature=1.0):   # other weights (trained further, or retrained) are
         tau = {} if temperature == 1.0 else dict(temperature=temperature)          # measured again
-        with claim(args, row=row, kind=kind, cfg=cfg, n=n, train_steps=ckpt["step"], **tau, **setting(args)) as mine:
+        with claim(args, row=row, kind=kind, cfg=cfg, n=n, **ckpt_key, **tau, **setting(args)) as mine:
             if mine:
                 images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg, temperature=temperature)
                 append_record(args.out, dict(common, kind=kind, cfg=cfg, n=n, ref=ref, fid=ev.fid(images, ref),
@@ -501,7 +529,7 @@ def evaluate_row(args, ev, row, ckpt_path):
         return
     for cfg in args.cfg_grid:
         measure("sweep", cfg, args.num_sweep, "train")
-    best = best_cfg(args, read_records(args.out), row, train_steps=ckpt["step"])
+    best = best_cfg(args, read_records(args.out), row, **ckpt_key)
     if best is None:
         print(f"table1: {row}: the CFG sweep is still being measured by another process; that process (or a "
               f"later call) measures the FID w/ CFG", flush=True)
@@ -511,7 +539,7 @@ def evaluate_row(args, ev, row, ckpt_path):
         return
     for cfg, temperature in joint_grid(args, best):
         measure("sweep", cfg, args.num_sweep, "train", temperature)
-    joint = best_setting(args, read_records(args.out), row, train_steps=ckpt["step"])
+    joint = best_setting(args, read_records(args.out), row, **ckpt_key)
     if joint is None:
         print(f"table1: {row}: the joint CFG / temperature sweep is still being measured by another process",
               flush=True)
@@ -562,12 +590,12 @@ def write_table(args):
             lines.append("| " + " | ".join(list(labels) + ["not measured yet", "-", "-", ", ".join(PAPER[row])]
                                            + ["-"] * 3) + " |")
             continue
-        steps = finals[-1]["train_steps"]                 # the latest checkpoint measured
-        finals = [r for r in reversed(finals) if r["train_steps"] == steps]    # latest first
+        key = latest_key(finals)                          # the latest checkpoint measured
+        finals = list(reversed(find(finals, **key)))      # latest first
         at = lambda cfg, temperature=1.0: next((r for r in finals if (r["cfg"], r.get("temperature", 1.0))
                                                  == (cfg, temperature)), None)
-        plain, guided = at(1.0), at(best_cfg(args, records, row, train_steps=steps))
-        joint = best_setting(args, records, row, train_steps=steps)
+        plain, guided = at(1.0), at(best_cfg(args, records, row, **key))
+        joint = best_setting(args, records, row, **key)
         tuned = joint and at(*joint)
         edge = guided is not None and guided["cfg"] in (min(args.cfg_grid), max(args.cfg_grid))
         r = finals[0]

@@ -145,8 +145,10 @@ def test_table1_end_to_end_tiny(tmp_path, fashion_stand_in, features):
         [("floor", "floor", None), ("tokens", "tokens", None), ("tokens", "tokens", None), ("mar16_ce", "final", 1.0)]
     assert "| MAR | random | bidirect | 1 | Diff Loss | not measured yet | - | - | 3.43, 1.84 |" in table.read_text()
     # a process beside this one measures the CFG-2 sweep point: it is skipped, so the FID w/ CFG waits too
+    ckpt_path = str(runs / "t1_mar_tiny_ce" / "checkpoint-last.pth")
+    sha = table1.weights_sha(mar.load_checkpoint(ckpt_path)[0])
     lock = table1.measurement_lock(table1.get_args(argv), row="mar16_ce", kind="sweep", cfg=2.0, n=2, train_steps=2,
-                                   seed=0, num_sampling_steps=2)
+                                   weights_sha=sha, seed=0, num_sampling_steps=2)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     open(lock, "w").write(str(holder.pid))
     table1.main(argv, inception=features)
@@ -167,6 +169,7 @@ def test_table1_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     final = rows[3]
     assert (final["cfg"], final["n"], final["ref"], final["num_iter"], final["tokens"]) == (1.0, 4, "test", 16, "vq8")
     assert final["train_steps"] == 2 and final["s_per_image"] > 0 and final["fid"] > 0
+    assert {r["weights_sha"] for r in rows[3:]} == {sha} and len(sha) == 12
     assert final["recon_mse"] == pytest.approx(vq["mse"]) and final["recon_psnr_db"] == pytest.approx(vq["psnr_db"])
     best = min(rows[4:6], key=lambda r: r["fid"])
     assert rows[4]["ref"] == "train" and rows[6]["cfg"] == best["cfg"]      # the sweep's choice, at full N
@@ -178,6 +181,17 @@ def test_table1_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     assert not (runs / "t1_mar_tiny_ce.lock").exists()                 # released after training
     table1.main(argv, inception=features)                        # all done: nothing trained or measured again
     assert len(out.read_text().splitlines()) == len(rows) and (runs / "t1_mar_tiny_ce.log").read_text() == log
+    # the run retrained (here: one EMA weight changed, the step the same): its points are measured anew,
+    # not pooled with the old weights', and the table shows the new ones
+    ckpt = T.torch_load(ckpt_path)
+    ckpt["model_ema"]["z_proj.bias"][0] += 1.0
+    train.save_checkpoint(ckpt_path, ckpt)
+    sha2 = table1.weights_sha(mar.load_checkpoint(ckpt_path)[0])
+    table1.main(argv, inception=features)
+    again = [json.loads(line) for line in out.read_text().splitlines()][len(rows):]
+    assert sha2 != sha and [(r["kind"], r["weights_sha"], r["train_steps"]) for r in again] == \
+        [("final", sha2, 2), ("sweep", sha2, 2), ("sweep", sha2, 2), ("final", sha2, 2)]
+    assert f"| {again[0]['fid']:.2f} | " in table.read_text() and (runs / "t1_mar_tiny_ce.log").read_text() == log
     with pytest.raises(ValueError, match="unknown --rows"):
         table1.main(argv[:1] + ["mar_ce"] + argv[2:])
 
