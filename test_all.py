@@ -1834,6 +1834,26 @@ def test_mask_ratio_law_and_pos_embed_init_flags(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_dropout_flag(tmp_path):
+    """train.py --dropout reaches every Transformer dropout of the model (attention and projections, not
+    the head) and its config; resuming with another value is refused, and a value outside [0, 1) too."""
+    default = build_model("mar_tiny")
+    assert {m.attn_drop for m in default.modules() if hasattr(m, "attn_drop")} == {0.1}        # the released value
+    train.main(TRAIN_TINY + ["--max_steps", "2", "--dropout", "0", "--output_dir", str(tmp_path)])
+    ckpt = tmp_path / "checkpoint-last.pth"
+    model, c = load_checkpoint(str(ckpt))
+    assert (c["config"]["attn_dropout"], c["config"]["proj_dropout"]) == (0.0, 0.0)
+    drops = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 2 * (len(model.encoder_blocks) + len(model.decoder_blocks)) and set(drops) == {0.0}
+    assert {m.attn_drop for m in model.modules() if hasattr(m, "attn_drop")} == {0.0}
+    resume = TRAIN_TINY + ["--max_steps", "3", "--output_dir", str(tmp_path), "--resume", str(ckpt)]
+    with pytest.raises(ValueError, match="dropout: checkpoint 0.0 vs now None"):
+        train.main(resume)
+    with pytest.raises(ValueError, match="--dropout must be in"):
+        train.main(TRAIN_TINY + ["--dropout", "1", "--output_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_train_rejects_impossible_run_lengths(tmp_path):
     for flags, message in ((["--epochs", "0"], "--epochs must be > 0"), (["--epochs", "-1"], "--epochs must be > 0"),
                            (["--max_steps", "0"], "--max_steps must be >= 1"),

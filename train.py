@@ -260,7 +260,7 @@ def update_ema(ema, model, decay, step):
 # Arguments that change the numbers: resuming with a different value would silently start another run.
 MUST_MATCH = ("model", "data", "image_size", "patch_size", "hflip", "seed", "batch_size", "shards", "blr",
               "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay", "head", "vq", "order",
-              "diffloss_w", "mask_ratio_min", "mask_ratio_law", "pos_embed_init")
+              "diffloss_w", "mask_ratio_min", "mask_ratio_law", "pos_embed_init", "dropout")
 
 
 def save_checkpoint(path, state):
@@ -362,6 +362,9 @@ def build_parser():
     a("--pos_embed_init", default="normal", choices=mar.POS_EMBED_INITS,
       help="initial value of the learned position embeddings: normal (N(0, 0.02), the paper's) or sincos (2D "
            "sin-cos of the token grid, then learned as usual)")
+    a("--dropout", type=float, default=None,
+      help="dropout on the Transformer's attention and projections (default: the model's, 0.1 as the released "
+           "code; the per-token head has none)")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True,
       help="random horizontal flips (the paper's augmentation); --no-hflip for digits or text")
     a("--batch_size", type=int, default=64, help="images per process per micro-step")
@@ -408,6 +411,8 @@ def get_args(argv=None):
     if args.mask_ratio_law != "truncnorm" and (args.model.startswith("ar_") or args.mask_ratio_min is not None):
         raise ValueError(f"--mask_ratio_law {args.mask_ratio_law}: needs a mar_* model and no --mask_ratio_min "
                          "(the lower bound belongs to the truncnorm law)")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.order is not None and not args.model.startswith("ar_"):
         raise ValueError(f"--order is for the causal ar_* models; {args.model} always generates in random order")
     resolve_defaults(vars(args))
@@ -460,6 +465,8 @@ def train(args, rank, world, device):
         extra["mask_ratio_law"] = args.mask_ratio_law
     if args.pos_embed_init != "normal":
         extra["pos_embed_init"] = args.pos_embed_init
+    if args.dropout is not None:
+        extra["attn_dropout"] = extra["proj_dropout"] = args.dropout
     model = mar.build_model(args.model, seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim,
                             num_classes=dataset.num_classes, **extra)
     if args.head == "ce":                        # the head samples codes: it holds the tokenizer's codebook
