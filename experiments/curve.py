@@ -45,9 +45,8 @@ MODELS = {
     "AR raster": ("ar_diffusion", (), "ar_raster_diffusion"),
     "AR random": ("ar_random_diffusion", (), "ar_random_diffusion"),
     "MAR paper": ("mar_diffusion", (), "mar16_diffusion"),
+    "MAR recipe": ("mar_diffusion", recipe.CANDIDATES[recipe.CHOSEN][0], "mar16_diffusion_recipe"),
 }
-if recipe.CHOSEN is not None:
-    MODELS["MAR recipe"] = ("mar_diffusion", recipe.CANDIDATES[recipe.CHOSEN][0], "mar16_diffusion_recipe")
 TABLE1_EPOCHS = 2
 
 

@@ -208,6 +208,11 @@ def test_table1_runs(tmp_path):
         if a["model"].startswith("mar_"):
             assert a["mask_ratio_min"] == (0.0 if name == "mar_diffusion_mr0" else 0.7)
     assert table1.ROWS["mar16_diffusion_mr0"][0] == "mar_diffusion_mr0"
+    # the recipe row trains recipe.py's choice, in the directory of recipe.py's run of it (reused)
+    flags = recipe.CANDIDATES[recipe.CHOSEN][0]
+    assert table1.RUNS["mar_diffusion_recipe"][3] == flags
+    assert table1.run_dir(args, "mar_diffusion_recipe") == table1.run_dir(args, recipe.RUN, table1.flag_suffix(flags))
+    assert curve.MODELS["MAR recipe"] == (recipe.RUN, flags, "mar16_diffusion_recipe")
 
 
 def test_table1_locks(tmp_path, monkeypatch):
