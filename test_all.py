@@ -325,7 +325,8 @@ def test_loss_on_the_masked_rows_only():
     (full, g_full, f_full), (fast, g_fast, f_fast) = run(), run(num_masked=5)
     torch.testing.assert_close(fast, full, rtol=1e-6, atol=0)
     for a, b in zip(g_fast, g_full):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        # the subset's matmuls sum in another order: fp32 rounding, relative to the gradient's scale
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
     assert f_fast * 12 == f_full * 5
     for name, kw in (("mar_tiny", {}), ("mar_tiny", dict(head="l2"))):
         model = tiny(name, **kw).train()
