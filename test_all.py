@@ -1804,8 +1804,8 @@ def test_diffloss_w_and_mask_ratio_min_flags(tmp_path):
     resume = TRAIN_TINY + ["--max_steps", "3", "--output_dir", str(tmp_path), "--resume", str(ckpt)]
     with pytest.raises(ValueError, match="diffloss_w: checkpoint 24 vs now 32"):
         train.main(resume + ["--diffloss_w", "32", "--mask_ratio_min", "0.5"])
-    with pytest.raises(ValueError, match="mask_ratio_min: checkpoint 0.5 vs now 0.0"):
-        train.main(resume + ["--diffloss_w", "24"])
+    with pytest.raises(ValueError, match="mask_ratio_min: checkpoint 0.5 vs now 0.25"):
+        train.main(resume + ["--diffloss_w", "24", "--mask_ratio_min", "0.25"])
     with pytest.raises(ValueError, match="--diffloss_w must be >= 1"):
         train.main(TRAIN_TINY + ["--diffloss_w", "0", "--output_dir", str(tmp_path / "x")])
     for bad in (["--mask_ratio_min", "1.5"], ["--mask_ratio_min", "0.5", "--model", "ar_tiny"]):
@@ -1826,7 +1826,7 @@ def test_mask_ratio_law_and_pos_embed_init_flags(tmp_path):
     assert (model.mask_ratio_law, model.pos_embed_init) == ("uniform", "sincos")
     resume = TRAIN_TINY + ["--max_steps", "3", "--output_dir", str(tmp_path), "--resume", str(ckpt)]
     with pytest.raises(ValueError, match="mask_ratio_law: checkpoint 'uniform' vs now 'truncnorm'"):
-        train.main(resume + ["--pos_embed_init", "sincos"])
+        train.main(resume + ["--pos_embed_init", "sincos", "--mask_ratio_law", "truncnorm"])
     with pytest.raises(ValueError, match="pos_embed_init: checkpoint 'sincos' vs now 'normal'"):
         train.main(resume + ["--mask_ratio_law", "uniform"])
     for bad in (["--mask_ratio_law", "cosine", "--model", "ar_tiny"], ["--mask_ratio_law", "cosine", "--mask_ratio_min", "0.5"]):
@@ -1869,15 +1869,20 @@ def test_train_rejects_impossible_run_lengths(tmp_path):
 # (train.resolve_defaults, train.checkpoint_args)
 
 def test_derived_defaults():
-    """--patch_size: 1 for VAE latents, 4 for pixels, 8 on the built-in shapes (the demo). --mask_ratio_min:
-    0 on the built-in shapes (few tokens), the paper's 0.7 elsewhere (MAR's own default), none for ar_*."""
+    """--patch_size: 1 for VAE latents, 4 for pixels, 8 on the built-in shapes (the demo). The mask ratio:
+    the uniform law on the built-in shapes (few tokens), the paper's truncnorm law with min 0.7 elsewhere
+    (MAR's own defaults); on the shapes a --mask_ratio_min or the truncnorm law by name gives truncnorm
+    (min 0 there); ar_* models record truncnorm and no min."""
     get = train.get_args
     assert get([]).patch_size == 8 and get(["--data", "fashion_mnist"]).patch_size == 4
     assert get(["--data", "latents", "--vae", "kl16.ckpt"]).patch_size == 1 and get(["--patch_size", "2"]).patch_size == 2
     with torch.device("meta"):                                     # no init cost
-        mar_default = MAR(seq_len=4).mask_ratio_min
-    assert get([]).mask_ratio_min == 0.0 and get(["--data", "fashion_mnist"]).mask_ratio_min == 0.7 == mar_default
-    assert get(["--model", "ar_tiny"]).mask_ratio_min is None
+        mar_default = MAR(seq_len=4)
+    law = lambda argv: (get(argv).mask_ratio_law, get(argv).mask_ratio_min)
+    assert law([]) == ("uniform", None) and law(["--mask_ratio_law", "cosine"]) == ("cosine", None)
+    assert law(["--data", "fashion_mnist"]) == (mar_default.mask_ratio_law, mar_default.mask_ratio_min) == ("truncnorm", 0.7)
+    assert law(["--mask_ratio_min", "0.5"]) == ("truncnorm", 0.5) and law(["--mask_ratio_law", "truncnorm"]) == ("truncnorm", 0.0)
+    assert law(["--model", "ar_tiny"]) == ("truncnorm", None)
 
 
 def test_checkpoint_args_resolved_and_filled_in(full_run, tmp_path):
@@ -1885,11 +1890,14 @@ def test_checkpoint_args_resolved_and_filled_in(full_run, tmp_path):
     included), and the parser's defaults fill in any flag it does not name, so a checkpoint written
     before the head flags existed resumes as the diffusion head it was, and refuses another head."""
     ckpt = T.torch_load(str(full_run))
-    assert ckpt["args"]["mask_ratio_min"] == 0.0 == train.checkpoint_args(ckpt)["mask_ratio_min"]   # derived, stored
+    assert ckpt["args"]["mask_ratio_law"] == "uniform" == train.checkpoint_args(ckpt)["mask_ratio_law"]  # derived, stored
     for key in ("head", "vq", "codebook", "order", "diffloss_w"):
         del ckpt["args"][key]
     old = train.checkpoint_args(ckpt)
     assert (old["head"], old["vq"], old["order"], old["diffloss_w"]) == ("diffusion", None, None, None)
+    del ckpt["args"]["mask_ratio_law"]                     # from before the law flag: the truncnorm law it trained
+    assert train.checkpoint_args(ckpt)["mask_ratio_law"] == "truncnorm"
+    ckpt["args"]["mask_ratio_law"] = "uniform"
     ckpt["step"] = 6                                       # as if the older run had stopped early
     path = tmp_path / "checkpoint-last.pth"
     torch.save(ckpt, path)
