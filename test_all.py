@@ -1879,7 +1879,7 @@ def test_derived_defaults():
     with torch.device("meta"):                                     # no init cost
         mar_default = MAR(seq_len=4)
     law = lambda argv: (get(argv).mask_ratio_law, get(argv).mask_ratio_min)
-    assert law([]) == ("uniform", None) and law(["--mask_ratio_law", "cosine"]) == ("cosine", None)
+    assert law([]) == ("uniform", 0.0) and law(["--mask_ratio_law", "cosine"]) == ("cosine", 0.0)  # min: unused
     assert law(["--data", "fashion_mnist"]) == (mar_default.mask_ratio_law, mar_default.mask_ratio_min) == ("truncnorm", 0.7)
     assert law(["--mask_ratio_min", "0.5"]) == ("truncnorm", 0.5) and law(["--mask_ratio_law", "truncnorm"]) == ("truncnorm", 0.0)
     assert law(["--model", "ar_tiny"]) == ("truncnorm", None)

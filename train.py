@@ -301,7 +301,7 @@ def resolve_defaults(args):
     if args.get("mask_ratio_law") is None:
         shapes = is_mar and builtin and args.get("mask_ratio_min") is None
         args["mask_ratio_law"] = BUILTIN_DEFAULTS["mask_ratio_law"] if shapes else "truncnorm"
-    if is_mar and args["mask_ratio_law"] == "truncnorm" and args.get("mask_ratio_min") is None:
+    if is_mar and args.get("mask_ratio_min") is None:     # stored with every law (the others ignore it)
         args["mask_ratio_min"] = BUILTIN_DEFAULTS["mask_ratio_min"] if builtin else PAPER_MASK_RATIO_MIN
     return args
 

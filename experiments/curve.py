@@ -21,8 +21,9 @@ Cost: ~1.5-1.9 s per step of one core (both model kinds alike), 937.5 steps per 
 
 Protocol: FID of --num (1,000) class-balanced samples against the 10,000 test images at every budget
 (and --num_final, 5,000, at the longest one measured), w/o CFG and w/ CFG at each model's fixed
-setting (guided_setting: the CFG scale and temperature chosen by Table 1's sweeps at 2 epochs, the
-same for every budget, so that the curve measures the model, not a re-tuned sampler). MAR samples with 16
+setting (guided_setting: the CFG scale and temperature chosen by Table 1's joint sweep at 2 epochs if
+every model of the call has one, else each model's CFG scale at temperature 1.0; the same for every
+budget, so that the curve measures the model, not a re-tuned sampler; each point records its setting). MAR samples with 16
 steps, AR with 49; EMA weights; 100 diffusion steps; Table 1's seeded batches.
 """
 import argparse
@@ -50,18 +51,21 @@ MODELS = {
 TABLE1_EPOCHS = 2
 
 
-def guided_setting(t1, label, n_train):
-    """(CFG scale, temperature) of `label` at every budget: Table 1's choice for its row at 2 epochs, the
-    joint CFG / temperature sweep's once complete, else the CFG sweep's at temperature 1.0."""
-    row, records = MODELS[label][2], table1.read_records(t1.out)
-    steps = steps_at(t1, label, TABLE1_EPOCHS, n_train)
-    key = table1.latest_key(records, row=row, kind="sweep", train_steps=steps) or dict(train_steps=steps)
-    joint = table1.best_setting(t1, records, row, **key)      # of the latest 2-epoch weights Table 1 swept
-    cfg = table1.best_cfg(t1, records, row, **key)
-    if joint is None and cfg is None:
-        raise RuntimeError(f"{label}: Table 1 has no CFG sweep of row {row} at {steps} steps yet: run "
-                           f"experiments/table1.py --rows {row} first (the curve samples with its choice)")
-    return joint or (cfg, 1.0)
+def guided_setting(t1, label, n_train, models):
+    """(CFG scale, temperature) of `label` at every budget, from Table 1's sweeps of its row at 2 epochs:
+    the joint CFG / temperature sweep's choice if every model of the curve (`models`) has one, else the CFG
+    sweep's scale at temperature 1.0 for every model, so that no line gets a sampler tuned more than the others."""
+    def choices(lab):
+        row, records = MODELS[lab][2], table1.read_records(t1.out)
+        steps = steps_at(t1, lab, TABLE1_EPOCHS, n_train)
+        key = table1.latest_key(records, row=row, kind="sweep", train_steps=steps) or dict(train_steps=steps)
+        cfg = table1.best_cfg(t1, records, row, **key)           # of the latest 2-epoch weights Table 1 swept
+        if cfg is None:
+            raise RuntimeError(f"{lab}: Table 1 has no CFG sweep of row {row} at {steps} steps yet: run "
+                               f"experiments/table1.py --rows {row} first (the curve samples with its choice)")
+        return table1.best_setting(t1, records, row, **key), cfg
+    joint, cfg = choices(label)
+    return joint if all(choices(m)[0] is not None for m in models) else (cfg, 1.0)
 
 
 def curve_suffix(label):
@@ -128,7 +132,7 @@ def measure(args, t1, ev, label, epochs, path, n):
     tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
     row = MODELS[label][2]
     num_iter = table1.ROWS[row][1]
-    for cfg, temperature in ((1.0, 1.0), guided_setting(t1, label, len(ev.train_set))):
+    for cfg, temperature in ((1.0, 1.0), guided_setting(t1, label, len(ev.train_set), args.models)):
         point = dict(model=label, epochs=epochs, cfg=cfg, temperature=temperature, n=n, seed=t1.seed,
                      **table1.checkpoint_key(model, ckpt))
         with table1.claim(args, **point) as mine:
@@ -143,7 +147,8 @@ def write_report(args):
     records = [r for r in table1.read_records(args.out) if r["n"] == args.num]
     series, lines = [], [f"FID of {args.num} samples vs the 10,000 test images against training epochs "
                          "(experiments/curve.py; docs/curve.png). Guided: each model's CFG scale and temperature "
-                         "chosen by Table 1's sweeps at 2 epochs, fixed along the curve.", "",
+                         "chosen by Table 1's sweeps at 2 epochs (temperature tuned only if every model's is), fixed along the "
+                         "curve.", "",
                          "| model | epochs | steps | FID w/o CFG | FID w/ CFG (scale, temperature) |", "|---|---|---|---|---|"]
     for label in MODELS:
         pts = {}

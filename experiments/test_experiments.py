@@ -526,6 +526,16 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
     assert [(r["epochs"], r["cfg"], r["temperature"], r["n"]) for r in cv] == [
         (2, 1.0, 1.0, 4), (2, *tuned, 4), (4, 1.0, 1.0, 4), (4, *tuned, 4), (4, 1.0, 1.0, 8), (4, *tuned, 8)]
     assert (tmp_path / "curve.png").stat().st_size > 0
+    # a model whose row has no joint sweep (here: MAR paper's CFG sweep alone, copied to AR raster's row)
+    # puts every model of the call on its CFG sweep's scale at temperature 1.0
+    ar = [dict(r, row="ar_raster_diffusion") for r in t1 if r["kind"] == "sweep" and "temperature" not in r]
+    with open(tmp_path / "t1.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in ar)
+    t1_ns = table1.get_args(t1_args + ["--runs_dir", str(runs)])
+    assert curve.guided_setting(t1_ns, "MAR paper", 100, ["MAR paper"]) == tuned
+    assert curve.guided_setting(t1_ns, "MAR paper", 100, ["MAR paper", "AR raster"]) == (cfg, 1.0)
+    with pytest.raises(RuntimeError, match="no CFG sweep of row ar_random_diffusion"):
+        curve.guided_setting(t1_ns, "MAR paper", 100, ["MAR paper", "AR random"])
 
 
 # ==============================================================================================
