@@ -24,9 +24,13 @@ Protocol: FID of --num (1,000) class-balanced samples against the 10,000 test im
 setting (guided_setting: the CFG scale and temperature chosen by Table 1's joint sweep at 2 epochs if
 every model of the call has one, else each model's CFG scale at temperature 1.0; the same for every
 budget, so that the curve measures the model, not a re-tuned sampler; each point records its setting). MAR samples with 16
-steps, AR with 49; EMA weights; 100 diffusion steps; Table 1's seeded batches.
+steps, AR with 49; EMA weights; 100 diffusion steps; Table 1's seeded batches. The report (curve.md) adds each
+guided line's trend (FID per doubling of the training length, over its last 3 points) and the budget at
+which each line would meet AR raster's if both trends held: an extrapolation, for where the curves have
+not crossed by the longest budget measured.
 """
 import argparse
+import math
 import os
 import shlex
 import shutil
@@ -143,6 +147,30 @@ def measure(args, t1, ev, label, epochs, path, n):
                 write_report(args)
 
 
+def trend(points, last=3):
+    """(FID change per doubling of the training length, FID at log2(epochs) = 0) of the least-squares line
+    through the `last` latest (epochs, FID) points in log2(epochs): the curve's local slope. A straight
+    line in log-epochs is a model of the recent trend only (a FID curve flattens towards its floor), so
+    what it says about budgets beyond the measured ones is an extrapolation, labelled as such."""
+    pts = sorted(points)[-last:]
+    if len(pts) < 2:
+        return None
+    xs, ys = [math.log2(e) for e, _ in pts], [f for _, f in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slope, my - slope * mx
+
+
+def meeting_epochs(a, b, after):
+    """The budget in epochs beyond `after` (the longest one measured) at which the trends a and b (slope,
+    intercept) meet, or None if they do not meet there (parallel, moving apart, or crossed before)."""
+    (sa, ia), (sb, ib) = a, b
+    if sa == sb:
+        return None
+    x = (ib - ia) / (sa - sb)
+    return 2.0 ** x if x > math.log2(after) else None
+
+
 def write_report(args):
     records = [r for r in table1.read_records(args.out) if r["n"] == args.num]
     series, lines = [], [f"FID of {args.num} samples vs the 10,000 test images against training epochs "
@@ -163,6 +191,19 @@ def write_report(args):
         guided = [(e, pts[e]["guided"]["fid"], "") for e in sorted(pts) if "guided" in pts[e]]
         if guided:
             series.append((f"{label} w/ CFG", guided))
+    trends = {name: trend([(e, f) for e, f, _ in pts]) for name, pts in series}
+    if any(t is not None for t in trends.values()):
+        lines += ["", f"Trends (least squares of FID against log2(epochs) over each line's last 3 points; an "
+                      "extrapolation beyond the longest budget, not a measurement):"]
+        for name, t in trends.items():
+            if t is not None:
+                lines.append(f"- {name}: {t[0]:+.2f} FID per doubling of the training length")
+        ref, longest = trends.get("AR raster w/ CFG"), dict((n, max(e for e, _, _ in p)) for n, p in series)
+        for name, t in trends.items():
+            if ref is not None and t is not None and not name.startswith("AR raster"):
+                e = meeting_epochs(ref, t, max(longest[name], longest["AR raster w/ CFG"]))
+                lines.append(f"- {name} would meet AR raster w/ CFG " + (f"at ~{e:.0f} epochs if both trends held"
+                             if e is not None else "at no longer budget on these trends"))
     if series:
         line_plot(os.path.join(args.docs, "curve.png"), series, "FID (N = 1,000 vs test) against training length",
                   "training epochs (log scale)", "FID", logx=True)

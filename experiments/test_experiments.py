@@ -479,6 +479,23 @@ def test_diagnose_end_to_end_tiny(tmp_path, fashion_stand_in):
         diagnose.get_args(["--ckpt", mar_ckpt])
 
 
+def test_curve_trend_and_meeting_point():
+    """The trend is the least-squares line in log2(epochs) of the last 3 points; two lines meet where
+    i_a + s_a x = i_b + s_b x, x = log2(epochs), counted only beyond the longest budget."""
+    ar = [(2, 40.0), (4, 38.0), (8, 36.0), (16, 34.0)]                    # 40 - 2 (x - 1): exact line
+    mar_ = [(2, 90.0), (4, 85.0), (8, 70.0), (16, 60.0)]                   # last 3: x = 2, 3, 4
+    assert curve.trend(ar) == pytest.approx((-2.0, 42.0))
+    slope, icpt = curve.trend(mar_)
+    assert slope == pytest.approx(-12.5) and icpt == pytest.approx((85 + 70 + 60) / 3 + 12.5 * 3)
+    assert curve.trend([(2, 1.0)]) is None
+    x = (42.0 - icpt) / (slope + 2.0)                                      # where the two lines are equal
+    assert curve.meeting_epochs((-2.0, 42.0), (slope, icpt), 16) == pytest.approx(2 ** x)
+    assert 16 < 2 ** x
+    assert curve.meeting_epochs((-2.0, 42.0), (-2.0, 80.0), 16) is None    # parallel
+    assert curve.meeting_epochs((-2.0, 42.0), (-1.0, 80.0), 16) is None    # moving apart (met before 2 epochs)
+    assert curve.meeting_epochs((-2.0, 42.0), (-12.5, 100.0), 256) is None  # met at ~46 epochs, before 256
+
+
 def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_in, features):
     """table1.py's joint CFG / temperature sweep, then recipe.py (Table 1's run sampled with its EMA and
     its raw weights; a candidate's flags are train.py's, tested in test_all.py), then curve.py (Table 1's run seeds the curve, which trains on to 4 epochs and keeps both budgets'
@@ -526,6 +543,8 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
     assert [(r["epochs"], r["cfg"], r["temperature"], r["n"]) for r in cv] == [
         (2, 1.0, 1.0, 4), (2, *tuned, 4), (4, 1.0, 1.0, 4), (4, *tuned, 4), (4, 1.0, 1.0, 8), (4, *tuned, 8)]
     assert (tmp_path / "curve.png").stat().st_size > 0
+    g = [r["fid"] for r in cv if r["cfg"] != 1.0 and r["n"] == 4]                # the guided line's 2 points
+    assert f"- MAR paper w/ CFG: {g[1] - g[0]:+.2f} FID per doubling" in (tmp_path / "c.md").read_text()
     # a model whose row has no joint sweep (here: MAR paper's CFG sweep alone, copied to AR raster's row)
     # puts every model of the call on its CFG sweep's scale at temperature 1.0
     ar = [dict(r, row="ar_raster_diffusion") for r in t1 if r["kind"] == "sweep" and "temperature" not in r]
