@@ -245,19 +245,21 @@ def main(argv=None, inception=None):
     n_train = len(ev.train_set)
     for label in args.models:
         seed_from_table1(t1, label, n_train)
-    for epochs in args.budgets:                                 # the short budgets of every model first
-        pending = list(args.models)
-        while pending:
-            for label in list(pending):
-                path = train_to(t1, label, epochs, n_train)
-                if path is not None:
-                    pending.remove(label)
-                    if not args.train_only:
-                        measure(args, t1, ev, label, epochs, path, args.num)
-            if pending:
-                print(f"curve: waiting for {', '.join(pending)} at {epochs} epochs (another process trains them)",
-                      flush=True)
-                table1.time.sleep(30)
+    todo = [(epochs, label) for epochs in args.budgets for label in args.models]
+    while todo:                          # the shortest budget not taken by another process first; a model's
+        for epochs, label in todo:       # budgets in increasing order, so that no process waits while a
+            if any(e < epochs for e, lab in todo if lab == label):    # model of the call can be trained on
+                continue
+            path = train_to(t1, label, epochs, n_train)
+            if path is not None:
+                todo.remove((epochs, label))
+                if not args.train_only:
+                    measure(args, t1, ev, label, epochs, path, args.num)
+                break
+        else:
+            heads = [f"{lab} at {e:g} epochs" for e, lab in todo if not any(f < e for f, m in todo if m == lab)]
+            print(f"curve: waiting for {', '.join(heads)} (other processes train them)", flush=True)
+            table1.time.sleep(30)
     if not args.train_only:
         for label in args.models:
             measure(args, t1, ev, label, args.budgets[-1], snapshot(curve_dir(t1, label), args.budgets[-1]),

@@ -292,7 +292,8 @@ def ensure_trained(args, name, n_train, extra=(), suffix=""):
                 return ckpt_path
             age = time.time() - max(os.path.getmtime(p) for p in (ckpt_path, os.path.join(d, "metrics.jsonl"))
                                     if os.path.exists(p))
-            if age < RUNNING_S:        # started by hand (no lock), still writing
+            finished = ckpt["step"] >= total_steps(argparse.Namespace(**have), n_train)  # ran to its own end
+            if age < RUNNING_S and not finished:        # started by hand (no lock), still writing
                 raise RuntimeError(f"{d} is at step {ckpt['step']} and changed {age:.0f} s ago: it is probably "
                                    f"still training; wait for it (or, if nothing runs, retry in "
                                    f"{RUNNING_S - age:.0f} s)")

@@ -530,7 +530,6 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
     with pytest.raises(ValueError, match="unknown --candidates"):
         recipe.get_args(["--candidates", "paper,bigger"])
 
-    monkeypatch.setattr(table1, "RUNNING_S", 0)      # the seeded copy keeps Table 1's fresh mtime
     curve.main(argv + ["--models", "MAR paper", "--budgets", "2,4", "--num", "4", "--num_final", "8",
                        "--out", str(tmp_path / "c.jsonl"), "--table", str(tmp_path / "c.md"), "--docs", str(tmp_path)],
                inception=features)
@@ -555,6 +554,20 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
     assert curve.guided_setting(t1_ns, "MAR paper", 100, ["MAR paper", "AR raster"]) == (cfg, 1.0)
     with pytest.raises(RuntimeError, match="no CFG sweep of row ar_random_diffusion"):
         curve.guided_setting(t1_ns, "MAR paper", 100, ["MAR paper", "AR random"])
+
+    # while another process holds AR raster's run, this one trains MAR paper on to its longest budget
+    # before it waits (and the 4-epoch run, finished a moment ago, resumes despite its fresh mtime)
+    (runs / "t1_ar_tiny_diffusion_curve.lock").write_text(str(os.getpid()))      # a live process's lock
+
+    def no_wait(_):
+        raise TimeoutError("waited")
+    monkeypatch.setattr(table1.time, "sleep", no_wait)
+    with pytest.raises(TimeoutError):
+        curve.main(argv + ["--models", "AR raster,MAR paper", "--budgets", "2,4,6", "--train_only",
+                           "--out", str(tmp_path / "c.jsonl"), "--table", str(tmp_path / "c.md"), "--docs", str(tmp_path)],
+                   inception=features)
+    assert T.torch_load(str(d / "checkpoint-ep006.pth"))["step"] == 9
+    assert not (runs / "t1_ar_tiny_diffusion_curve").exists()
 
 
 # ==============================================================================================
