@@ -198,7 +198,7 @@ def write_report(args):
         for name, t in trends.items():
             if t is not None:
                 lines.append(f"- {name}: {t[0]:+.2f} FID per doubling of the training length")
-        ref, longest = trends.get("AR raster w/ CFG"), dict((n, max(e for e, _, _ in p)) for n, p in series)
+        ref, longest = trends.get("AR raster w/ CFG"), {name: max(e for e, _, _ in pts) for name, pts in series}
         for name, t in trends.items():
             if ref is not None and t is not None and not name.startswith("AR raster"):
                 e = meeting_epochs(ref, t, max(longest[name], longest["AR raster w/ CFG"]))
@@ -245,10 +245,12 @@ def main(argv=None, inception=None):
     n_train = len(ev.train_set)
     for label in args.models:
         seed_from_table1(t1, label, n_train)
+    # Each pass takes the shortest budget that no other process is training, a model's budgets in
+    # increasing order; a process waits only when every model of the call is taken by another one.
     todo = [(epochs, label) for epochs in args.budgets for label in args.models]
-    while todo:                          # the shortest budget not taken by another process first; a model's
-        for epochs, label in todo:       # budgets in increasing order, so that no process waits while a
-            if any(e < epochs for e, lab in todo if lab == label):    # model of the call can be trained on
+    while todo:
+        for epochs, label in todo:
+            if any(e < epochs for e, lab in todo if lab == label):
                 continue
             path = train_to(t1, label, epochs, n_train)
             if path is not None:
