@@ -16,8 +16,10 @@ checkpoint; two shells with OMP_NUM_THREADS=1 share the runs and points through 
   python experiments/curve.py --runs_dir runs                      # every model to every --budgets
   python experiments/curve.py --runs_dir runs --models "AR raster" --budgets 2,4,8,16
   python experiments/curve.py --table-only                         # PNG and Markdown from the JSONL
-Cost: ~1.5-1.9 s per step of one core (both model kinds alike), 937.5 steps per epoch: 16 epochs are
-~7 hours of one core per model.
+Cost: 937.5 steps per epoch; measured on one thread each, two runs side by side, AR raster takes ~2.2 s
+per step and the recipe's MAR ~1.0-1.3 s (its uniform mask law leaves half the tokens to the head, which
+runs on masked tokens only): 16 epochs are ~9 and ~5 hours of one core. A killed run resumes from its
+last checkpoint (every 200 steps) once its files are 10 minutes old (table1.RUNNING_S).
 
 Protocol: FID of --num (1,000) class-balanced samples against the 10,000 test images at every budget
 (and --num_final, 5,000, at the longest one measured), w/o CFG and w/ CFG at each model's fixed

@@ -270,8 +270,8 @@ def total_steps(train_args, n_train):
 
 def ensure_trained(args, name, n_train, extra=(), suffix=""):
     """Train (or resume) run `name` until its checkpoint holds the last step; returns the checkpoint, or
-    None while another table1.py process trains it. extra: more train.py arguments (the ablations'
-    variants of a run), trained in run_dir + suffix."""
+    None while another process trains it (a table1.py holding its lock, or a train.py writing its files).
+    extra: more train.py arguments (the ablations' variants of a run), trained in run_dir + suffix."""
     d = run_dir(args, name, suffix)
     ckpt_path, log, lock = os.path.join(d, "checkpoint-last.pth"), d + ".log", d + ".lock"
     os.makedirs(args.runs_dir, exist_ok=True)
@@ -293,10 +293,13 @@ def ensure_trained(args, name, n_train, extra=(), suffix=""):
             age = time.time() - max(os.path.getmtime(p) for p in (ckpt_path, os.path.join(d, "metrics.jsonl"))
                                     if os.path.exists(p))
             finished = ckpt["step"] >= total_steps(argparse.Namespace(**have), n_train)  # ran to its own end
-            if age < RUNNING_S and not finished:        # started by hand (no lock), still writing
-                raise RuntimeError(f"{d} is at step {ckpt['step']} and changed {age:.0f} s ago: it is probably "
-                                   f"still training; wait for it (or, if nothing runs, retry in "
-                                   f"{RUNNING_S - age:.0f} s)")
+            if age < RUNNING_S and not finished:
+                # Its files are still being written: a train.py started by hand, or the orphan of a killed
+                # table1.py. Wait for it as for a locked run; a dead run is resumed RUNNING_S after its
+                # last write.
+                print(f"table1: {d} is at step {ckpt['step']} and changed {age:.0f} s ago: probably still "
+                      f"training; left for {RUNNING_S - age:.0f} s more", flush=True)
+                return None
             argv += ["--resume", ckpt_path]
         print(f"table1: training {name}: train.py {' '.join(argv)} (log: {log})", flush=True)
         with open(log, "a") as f:

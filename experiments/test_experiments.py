@@ -568,6 +568,15 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
                    inception=features)
     assert T.torch_load(str(d / "checkpoint-ep006.pth"))["step"] == 9
     assert not (runs / "t1_ar_tiny_diffusion_curve").exists()
+    # a run to 8 epochs whose process was killed at step 9 (its files written just now, no lock left):
+    # left alone while a train.py might still be writing it, resumed once its files are RUNNING_S old
+    last = T.torch_load(str(d / "checkpoint-last.pth"))
+    last["args"]["epochs"] = 8
+    torch.save(last, d / "checkpoint-last.pth")
+    assert curve.train_to(t1_ns, "MAR paper", 8, 100) is None and not (d / "checkpoint-ep008.pth").exists()
+    for f in ("checkpoint-last.pth", "metrics.jsonl"):
+        os.utime(d / f, (time.time() - table1.RUNNING_S - 1,) * 2)
+    assert T.torch_load(curve.train_to(t1_ns, "MAR paper", 8, 100))["step"] == 12
 
 
 # ==============================================================================================
