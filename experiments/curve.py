@@ -23,9 +23,10 @@ last checkpoint (every 200 steps) once its files are 10 minutes old (table1.RUNN
 
 Protocol: FID of --num (1,000) class-balanced samples against the 10,000 test images at every budget
 (and --num_final, 5,000, at the longest one measured), w/o CFG and w/ CFG at each model's fixed
-setting (guided_setting: the CFG scale and temperature chosen by Table 1's joint sweep at 2 epochs if
-every model of the call has one, else each model's CFG scale at temperature 1.0; the same for every
-budget, so that the curve measures the model, not a re-tuned sampler; each point records its setting). MAR samples with 16
+settings (guided_settings: the scale of Table 1's CFG sweep at 2 epochs, temperature 1.0; and, once
+every model of the call has one, the CFG scale and temperature of Table 1's joint sweep at 2 epochs, a
+second line per model, "tuned T"; the same for every budget, so that the curve measures the model, not
+a re-tuned sampler; each point records its setting and which sweep chose it). MAR samples with 16
 steps, AR with 49; EMA weights; 100 diffusion steps; Table 1's seeded batches. The report (curve.md) adds each
 guided line's trend (FID per doubling of the training length, over its last 3 points) and the budget at
 which each line would meet AR raster's if both trends held: an extrapolation, for where the curves have
@@ -57,10 +58,11 @@ MODELS = {
 TABLE1_EPOCHS = 2
 
 
-def guided_setting(t1, label, n_train, models):
-    """(CFG scale, temperature) of `label` at every budget, from Table 1's sweeps of its row at 2 epochs:
-    the joint CFG / temperature sweep's choice if every model of the curve (`models`) has one, else the CFG
-    sweep's scale at temperature 1.0 for every model, so that no line gets a sampler tuned more than the others."""
+def guided_settings(t1, label, n_train, models):
+    """[(sampler, (CFG scale, temperature))]: the guided settings `label` is measured at, at every budget,
+    from Table 1's sweeps of its row at 2 epochs. Always "cfg sweep": the CFG sweep's scale at temperature
+    1.0; and "joint sweep": the joint CFG / temperature sweep's choice, once every model of the curve
+    (`models`) has one, so that no line gets a sampler tuned more than the others'. Each is a line."""
     def choices(lab):
         row, records = MODELS[lab][2], table1.read_records(t1.out)
         steps = steps_at(t1, lab, TABLE1_EPOCHS, n_train)
@@ -71,7 +73,14 @@ def guided_setting(t1, label, n_train, models):
                                f"experiments/table1.py --rows {row} first (the curve samples with its choice)")
         return table1.best_setting(t1, records, row, **key), cfg
     joint, cfg = choices(label)
-    return joint if all(choices(m)[0] is not None for m in models) else (cfg, 1.0)
+    tuned = all(choices(m)[0] is not None for m in models)
+    return [("cfg sweep", (cfg, 1.0))] + ([("joint sweep", joint)] if tuned else [])
+
+
+def sampler_of(record):
+    """Which setting a point was measured at: "none" (w/o CFG), "cfg sweep" or "joint sweep" (above);
+    records from before the field are the first two."""
+    return record.get("sampler", "none" if record["cfg"] == 1.0 else "cfg sweep")
 
 
 def curve_suffix(label):
@@ -138,15 +147,22 @@ def measure(args, t1, ev, label, epochs, path, n):
     tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
     row = MODELS[label][2]
     num_iter = table1.ROWS[row][1]
-    for cfg, temperature in ((1.0, 1.0), guided_setting(t1, label, len(ev.train_set), args.models)):
+    for sampler, (cfg, temperature) in [("none", (1.0, 1.0))] + guided_settings(t1, label, len(ev.train_set),
+                                                                                 args.models):
         point = dict(model=label, epochs=epochs, cfg=cfg, temperature=temperature, n=n, seed=t1.seed,
                      **table1.checkpoint_key(model, ckpt))
         with table1.claim(args, **point) as mine:
             if mine:
                 images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg, "linear", temperature)
-                table1.append_record(args.out, dict(point, ref="test", fid=ev.fid(images, "test"),
+                table1.append_record(args.out, dict(point, sampler=sampler, ref="test", fid=ev.fid(images, "test"),
                                                     s_per_image=round(s_per_image, 4)), who="curve")
-                write_report(args)
+        done = table1.find(table1.read_records(args.out), **point)
+        if done and not any(sampler_of(r) == sampler for r in done):
+            # both sweeps chose this setting (a joint sweep that kept temperature 1.0): the same images, so
+            # the point is recorded again for the other line, not measured again
+            table1.append_record(args.out, dict(done[-1], sampler=sampler, copied_from=done[-1]["time"]),
+                                 who="curve")
+        write_report(args)
 
 
 def trend(points, last=3):
@@ -173,38 +189,47 @@ def meeting_epochs(a, b, after):
     return 2.0 ** x if x > math.log2(after) else None
 
 
+GUIDED = {"cfg sweep": "w/ CFG", "joint sweep": "w/ CFG, tuned T"}      # sampler -> the line's name suffix
+
+
 def write_report(args):
     records = [r for r in table1.read_records(args.out) if r["n"] == args.num]
     series, lines = [], [f"FID of {args.num} samples vs the 10,000 test images against training epochs "
-                         "(experiments/curve.py; docs/curve.png). Guided: each model's CFG scale and temperature "
-                         "chosen by Table 1's sweeps at 2 epochs (temperature tuned only if every model's is), fixed along the "
-                         "curve.", "",
-                         "| model | epochs | steps | FID w/o CFG | FID w/ CFG (scale, temperature) |", "|---|---|---|---|---|"]
+                         "(experiments/curve.py; docs/curve.png). Each model's guided settings are fixed along the "
+                         "curve, chosen by Table 1's sweeps of its 2-epoch run: the CFG sweep's scale at temperature "
+                         "1.0, and the joint CFG / temperature sweep's choice once every model has one (tuned T).", "",
+                         "| model | epochs | steps | FID w/o CFG | FID w/ CFG (scale, T 1) | FID w/ CFG, tuned T "
+                         "(scale, T) |", "|---|---|---|---|---|---|"]
+    kind = {}                                                       # a line's name -> its suffix
+    cell = lambda r: "-" if r is None else f"{r['fid']:.2f} ({r['cfg']:g}, {r['temperature']:g})"
     for label in MODELS:
         pts = {}
         for r in records:
             if r["model"] == label:
-                pts.setdefault(r["epochs"], {})["plain" if r["cfg"] == 1.0 else "guided"] = r
+                pts.setdefault(r["epochs"], {})[sampler_of(r)] = r          # the latest record of each
         for e in sorted(pts):
-            p, g = pts[e].get("plain"), pts[e].get("guided")
-            r = p or g
-            lines.append(f"| {label} | {e:g} | {r['train_steps']} | {table1.fmt(p and p['fid'])} | "
-                         + ("-" if g is None else f"{g['fid']:.2f} ({g['cfg']:g}, {g['temperature']:g})") + " |")
-        guided = [(e, pts[e]["guided"]["fid"], "") for e in sorted(pts) if "guided" in pts[e]]
-        if guided:
-            series.append((f"{label} w/ CFG", guided))
+            p = pts[e].get("none")
+            lines.append(f"| {label} | {e:g} | {next(iter(pts[e].values()))['train_steps']} | "
+                         f"{table1.fmt(p and p['fid'])} | {cell(pts[e].get('cfg sweep'))} | "
+                         f"{cell(pts[e].get('joint sweep'))} |")
+        for sampler, suffix in GUIDED.items():
+            guided = [(e, pts[e][sampler]["fid"], "") for e in sorted(pts) if sampler in pts[e]]
+            if guided:
+                series.append((f"{label} {suffix}", guided))
+                kind[f"{label} {suffix}"] = suffix
     trends = {name: trend([(e, f) for e, f, _ in pts]) for name, pts in series}
+    longest = {name: max(e for e, _, _ in pts) for name, pts in series}
     if any(t is not None for t in trends.values()):
         lines += ["", f"Trends (least squares of FID against log2(epochs) over each line's last 3 points; an "
                       "extrapolation beyond the longest budget, not a measurement):"]
         for name, t in trends.items():
             if t is not None:
                 lines.append(f"- {name}: {t[0]:+.2f} FID per doubling of the training length")
-        ref, longest = trends.get("AR raster w/ CFG"), {name: max(e for e, _, _ in pts) for name, pts in series}
-        for name, t in trends.items():
-            if ref is not None and t is not None and not name.startswith("AR raster"):
-                e = meeting_epochs(ref, t, max(longest[name], longest["AR raster w/ CFG"]))
-                lines.append(f"- {name} would meet AR raster w/ CFG " + (f"at ~{e:.0f} epochs if both trends held"
+        for name, t in trends.items():                  # each line against AR raster's line of the same sampler
+            ref = f"AR raster {kind[name]}"
+            if not name.startswith("AR raster") and t is not None and trends.get(ref):
+                e = meeting_epochs(trends[ref], t, max(longest[name], longest[ref]))
+                lines.append(f"- {name} would meet {ref} " + (f"at ~{e:.0f} epochs if both trends held"
                              if e is not None else "at no longer budget on these trends"))
     if series:
         line_plot(os.path.join(args.docs, "curve.png"), series, "FID (N = 1,000 vs test) against training length",

@@ -51,8 +51,11 @@ Protocol (every choice):
     MAR: num_iter 49 ("one token per step") or 16 ("MAR default", ~3 tokens per step); AR: 49 steps.
   * CFG: each row is measured without CFG (cfg 1.0) and with the scale that gives the lowest FID in a
     sweep over --cfg_grid with --num_sweep (1,000) samples against the TRAINING-set reference (never
-    the test set); the chosen scale is then evaluated at the full N. A chosen scale at the edge of
-    the grid is flagged in the table.
+    the test set); the chosen scale is then evaluated at the full N (the sweeps are measured before
+    the finals). A chosen scale at the edge of the grid is flagged in the table. A Diffusion Loss row
+    then sweeps the temperature too, as the paper tunes both per model: --temperature_grid (0.6, 0.8)
+    at the chosen scale and its grid neighbours, the same 1,000 samples vs training images; the joint
+    choice is measured at the full N as a third column, beside the temperature-1.0 ones.
   * FID: fid.py with the FID Inception weights (--inception), N = --num_fid (5,000) samples against
     the statistics of all 10,000 test images. The training-set reference is a class-balanced subset
     (seeded permutation) of N training images; its FID against the test set is the "floor" row.
@@ -70,8 +73,8 @@ batch 20), 0.71 (MAR, 49 steps), 0.55 (AR), 0.05 (CE head, MAR 16 steps), x1.7 w
 one; --cfg_grid (fewer points), --num_sweep and --num_sampling_steps are the knobs if that is too much.
 A run already in RUNS_DIR counts as done when its checkpoint's step is the run's total and its
 arguments match COMMON + its own (so runs started by hand with the same arguments are reused); an
-unfinished one is resumed, unless its log changed in the last 10 minutes (it is probably still
-running: wait for it). A measurement is keyed on its checkpoint's step and a digest of its weights
+unfinished one is resumed, unless its files changed in the last 10 minutes (it is probably still
+running: it is waited for, and resumed once they are 10 minutes old). A measurement is keyed on its checkpoint's step and a digest of its weights
 (weights_sha): a run retrained from scratch (its checkpoint lost, say) is not bitwise the run before it,
 so its points are measured again instead of being pooled with the old weights' in one sweep or row.
 """
@@ -539,27 +542,28 @@ def evaluate_row(args, ev, row, ckpt_path):
                                              s_per_image=round(s_per_image, 4), **tau))
                 write_table(args)
 
+    # The sweeps first (N = --num_sweep each, cheap), then the finals at the chosen settings (N = --num_fid):
+    # a sitting cut short keeps the choices, and a process beside this one can take a sweep point meanwhile.
+    best = joint = None
+    if not args.no_cfg:
+        for cfg in args.cfg_grid:
+            measure("sweep", cfg, args.num_sweep, "train")
+        best = best_cfg(args, read_records(args.out), row, **ckpt_key)
+        if best is None:
+            print(f"table1: {row}: the CFG sweep is still being measured by another process; that process (or "
+                  f"a later call) measures the FID w/ CFG", flush=True)
+        elif RUNS[run][2] == "diffusion" and args.temperature_grid:
+            for cfg, temperature in joint_grid(args, best):
+                measure("sweep", cfg, args.num_sweep, "train", temperature)
+            joint = best_setting(args, read_records(args.out), row, **ckpt_key)
+            if joint is None:
+                print(f"table1: {row}: the joint CFG / temperature sweep is still being measured by another "
+                      f"process", flush=True)
     measure("final", 1.0, args.num_fid, "test")
-    if args.no_cfg:
-        return
-    for cfg in args.cfg_grid:
-        measure("sweep", cfg, args.num_sweep, "train")
-    best = best_cfg(args, read_records(args.out), row, **ckpt_key)
-    if best is None:
-        print(f"table1: {row}: the CFG sweep is still being measured by another process; that process (or a "
-              f"later call) measures the FID w/ CFG", flush=True)
-        return
-    measure("final", best, args.num_fid, "test")
-    if RUNS[run][2] != "diffusion" or not args.temperature_grid:
-        return
-    for cfg, temperature in joint_grid(args, best):
-        measure("sweep", cfg, args.num_sweep, "train", temperature)
-    joint = best_setting(args, read_records(args.out), row, **ckpt_key)
-    if joint is None:
-        print(f"table1: {row}: the joint CFG / temperature sweep is still being measured by another process",
-              flush=True)
-        return
-    measure("final", joint[0], args.num_fid, "test", joint[1])
+    if best is not None:
+        measure("final", best, args.num_fid, "test")
+    if joint is not None:
+        measure("final", joint[0], args.num_fid, "test", joint[1])
 
 
 def evaluate_floor(args, ev):

@@ -190,8 +190,8 @@ def test_table1_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     table1.main(argv, inception=features)
     again = [json.loads(line) for line in out.read_text().splitlines()][len(rows):]
     assert sha2 != sha and [(r["kind"], r["weights_sha"], r["train_steps"]) for r in again] == \
-        [("final", sha2, 2), ("sweep", sha2, 2), ("sweep", sha2, 2), ("final", sha2, 2)]
-    assert f"| {again[0]['fid']:.2f} | " in table.read_text() and (runs / "t1_mar_tiny_ce.log").read_text() == log
+        [("sweep", sha2, 2), ("sweep", sha2, 2), ("final", sha2, 2), ("final", sha2, 2)]   # the sweep first
+    assert f"| {again[2]['fid']:.2f} | " in table.read_text() and (runs / "t1_mar_tiny_ce.log").read_text() == log
     with pytest.raises(ValueError, match="unknown --rows"):
         table1.main(argv[:1] + ["mar_ce"] + argv[2:])
 
@@ -539,21 +539,43 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
     assert (ep2["step"], ep4["step"]) == (3, 6)
     assert all(torch.equal(ep2["model"][k], table1_run["model"][k]) for k in ep2["model"])
     cv = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
-    assert [(r["epochs"], r["cfg"], r["temperature"], r["n"]) for r in cv] == [
-        (2, 1.0, 1.0, 4), (2, *tuned, 4), (4, 1.0, 1.0, 4), (4, *tuned, 4), (4, 1.0, 1.0, 8), (4, *tuned, 8)]
+    assert [(r["epochs"], r["n"], r["sampler"], r["cfg"], r["temperature"]) for r in cv] == [
+        (e, n, s, *setting) for e, n in ((2, 4), (4, 4), (4, 8))                  # each budget, then N at the last
+        for s, setting in (("none", (1.0, 1.0)), ("cfg sweep", (cfg, 1.0)), ("joint sweep", tuned))]
+    if tuned == (cfg, 1.0):                      # the joint sweep kept temperature 1.0: recorded, not re-measured
+        assert all(r["fid"] == q["fid"] and "copied_from" in r for q, r in zip(cv[1::3], cv[2::3]))
     assert (tmp_path / "curve.png").stat().st_size > 0
-    g = [r["fid"] for r in cv if r["cfg"] != 1.0 and r["n"] == 4]                # the guided line's 2 points
-    assert f"- MAR paper w/ CFG: {g[1] - g[0]:+.2f} FID per doubling" in (tmp_path / "c.md").read_text()
+    report = (tmp_path / "c.md").read_text()
+    for sampler, name in (("cfg sweep", "MAR paper w/ CFG"), ("joint sweep", "MAR paper w/ CFG, tuned T")):
+        g = [r["fid"] for r in cv if r["sampler"] == sampler and r["n"] == 4]    # each guided line's 2 points
+        assert f"- {name}: {g[1] - g[0]:+.2f} FID per doubling" in report
+    assert f"| MAR paper | 4 | 6 | {cv[3]['fid']:.2f} | {cv[4]['fid']:.2f} ({cfg:g}, 1) | {cv[5]['fid']:.2f} " \
+           f"({tuned[0]:g}, {tuned[1]:g}) |" in report
     # a model whose row has no joint sweep (here: MAR paper's CFG sweep alone, copied to AR raster's row)
     # puts every model of the call on its CFG sweep's scale at temperature 1.0
     ar = [dict(r, row="ar_raster_diffusion") for r in t1 if r["kind"] == "sweep" and "temperature" not in r]
     with open(tmp_path / "t1.jsonl", "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in ar)
     t1_ns = table1.get_args(t1_args + ["--runs_dir", str(runs)])
-    assert curve.guided_setting(t1_ns, "MAR paper", 100, ["MAR paper"]) == tuned
-    assert curve.guided_setting(t1_ns, "MAR paper", 100, ["MAR paper", "AR raster"]) == (cfg, 1.0)
+    assert curve.guided_settings(t1_ns, "MAR paper", 100, ["MAR paper"]) == \
+        [("cfg sweep", (cfg, 1.0)), ("joint sweep", tuned)]
+    assert curve.guided_settings(t1_ns, "MAR paper", 100, ["MAR paper", "AR raster"]) == [("cfg sweep", (cfg, 1.0))]
     with pytest.raises(RuntimeError, match="no CFG sweep of row ar_random_diffusion"):
-        curve.guided_setting(t1_ns, "MAR paper", 100, ["MAR paper", "AR random"])
+        curve.guided_settings(t1_ns, "MAR paper", 100, ["MAR paper", "AR random"])
+    # a joint sweep that keeps temperature 1.0 (the lower temperatures made worse here): its line's points
+    # are the CFG sweep's, recorded again for that line, not measured again
+    if tuned != (cfg, 1.0):
+        worse = [dict(r, fid=r["fid"] + 1e3) for r in t1 if r["kind"] == "sweep" and "temperature" in r]
+        with open(tmp_path / "t1.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in worse)
+        assert curve.guided_settings(t1_ns, "MAR paper", 100, ["MAR paper"])[1] == ("joint sweep", (cfg, 1.0))
+        curve.main(argv + ["--models", "MAR paper", "--budgets", "2,4", "--num", "4", "--num_final", "8",
+                           "--out", str(tmp_path / "c.jsonl"), "--table", str(tmp_path / "c.md"),
+                           "--docs", str(tmp_path)], inception=features)
+        new = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()][len(cv):]
+        assert [(r["epochs"], r["n"], r["sampler"], r["cfg"], r["temperature"], r["fid"]) for r in new] == [
+            (q["epochs"], q["n"], "joint sweep", cfg, 1.0, q["fid"]) for q in cv[1::3]]
+        assert all(r["copied_from"] == q["time"] for q, r in zip(cv[1::3], new))
 
     # while another process holds AR raster's run, this one trains MAR paper on to its longest budget
     # before it waits (and the 4-epoch run, finished a moment ago, resumes despite its fresh mtime)
