@@ -74,9 +74,9 @@ one; --cfg_grid (fewer points), --num_sweep and --num_sampling_steps are the kno
 A run already in RUNS_DIR counts as done when its checkpoint's step is the run's total and its
 arguments match COMMON + its own (so runs started by hand with the same arguments are reused); an
 unfinished one is resumed, unless its files changed in the last 10 minutes (it is probably still
-running: it is waited for, and resumed once they are 10 minutes old). A measurement is keyed on its checkpoint's step and a digest of its weights
-(weights_sha): a run retrained from scratch (its checkpoint lost, say) is not bitwise the run before it,
-so its points are measured again instead of being pooled with the old weights' in one sweep or row.
+running: it is waited for, and resumed once they are 10 minutes old). A measurement is keyed on its
+checkpoint's step and a digest of its weights (weights_sha): a run retrained from scratch (its
+checkpoint lost, say) is not bitwise the run before it, so its points are measured again instead of being pooled with the old weights' in one sweep or row.
 """
 import argparse
 import contextlib
