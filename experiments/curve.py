@@ -58,20 +58,35 @@ MODELS = {
 TABLE1_EPOCHS = 2
 
 
+def sweep_key(t1, records, label, n_train):
+    """checkpoint_key of the Table 1 sweep that chooses `label`'s guided settings, or None: the sweep of the
+    curve's own 2-epoch weights where Table 1 swept exactly those (its run is the curve's first 2 epochs, the
+    same seed and draws: retrained, it gives the same weights, bit for bit), else of the latest weights at 2
+    epochs whose CFG sweep is complete. Never an incomplete sweep: while table1.py re-sweeps a row on
+    retrained weights, the curve keeps sampling with the choice it had."""
+    row, steps = MODELS[label][2], steps_at(t1, label, TABLE1_EPOCHS, n_train)
+    keys = [{k: r.get(k) for k in ("train_steps", "weights_sha")}
+            for r in table1.find(records, row=row, kind="sweep", train_steps=steps)]
+    snap = snapshot(curve_dir(t1, label), TABLE1_EPOCHS)
+    if os.path.exists(snap):
+        keys.append(table1.checkpoint_key(*mar.load_checkpoint(snap)))          # preferred: tried first
+    return next((key for key in reversed(keys) if table1.best_cfg(t1, records, row, **key) is not None), None)
+
+
 def guided_settings(t1, label, n_train, models):
     """[(sampler, (CFG scale, temperature))]: the guided settings `label` is measured at, at every budget,
-    from Table 1's sweeps of its row at 2 epochs. Always "cfg sweep": the CFG sweep's scale at temperature
-    1.0; and "joint sweep": the joint CFG / temperature sweep's choice, once every model of the curve
-    (`models`) has one, so that no line gets a sampler tuned more than the others'. Each is a line."""
+    from Table 1's sweeps of its row at 2 epochs (sweep_key). Always "cfg sweep": the CFG sweep's scale at
+    temperature 1.0; and "joint sweep": the joint CFG / temperature sweep's choice, once every model of the
+    curve (`models`) has one, so that no line gets a sampler tuned more than the others'. Each is a line."""
+    records = table1.read_records(t1.out)
+
     def choices(lab):
-        row, records = MODELS[lab][2], table1.read_records(t1.out)
-        steps = steps_at(t1, lab, TABLE1_EPOCHS, n_train)
-        key = table1.latest_key(records, row=row, kind="sweep", train_steps=steps) or dict(train_steps=steps)
-        cfg = table1.best_cfg(t1, records, row, **key)           # of the latest 2-epoch weights Table 1 swept
-        if cfg is None:
-            raise RuntimeError(f"{lab}: Table 1 has no CFG sweep of row {row} at {steps} steps yet: run "
-                               f"experiments/table1.py --rows {row} first (the curve samples with its choice)")
-        return table1.best_setting(t1, records, row, **key), cfg
+        row, key = MODELS[lab][2], sweep_key(t1, records, lab, n_train)
+        if key is None:
+            raise RuntimeError(f"{lab}: Table 1 has no complete CFG sweep of row {row} at "
+                               f"{steps_at(t1, lab, TABLE1_EPOCHS, n_train)} steps yet: run experiments/table1.py "
+                               f"--rows {row} first (the curve samples with its choice)")
+        return table1.best_setting(t1, records, row, **key), table1.best_cfg(t1, records, row, **key)
     joint, cfg = choices(label)
     tuned = all(choices(m)[0] is not None for m in models)
     return [("cfg sweep", (cfg, 1.0))] + ([("joint sweep", joint)] if tuned else [])

@@ -560,7 +560,7 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
     assert curve.guided_settings(t1_ns, "MAR paper", 100, ["MAR paper"]) == \
         [("cfg sweep", (cfg, 1.0)), ("joint sweep", tuned)]
     assert curve.guided_settings(t1_ns, "MAR paper", 100, ["MAR paper", "AR raster"]) == [("cfg sweep", (cfg, 1.0))]
-    with pytest.raises(RuntimeError, match="no CFG sweep of row ar_random_diffusion"):
+    with pytest.raises(RuntimeError, match="no complete CFG sweep of row ar_random_diffusion"):
         curve.guided_settings(t1_ns, "MAR paper", 100, ["MAR paper", "AR random"])
     # a joint sweep that keeps temperature 1.0 (the lower temperatures made worse here): its line's points
     # are the CFG sweep's, recorded again for that line, not measured again
@@ -576,6 +576,20 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
         assert [(r["epochs"], r["n"], r["sampler"], r["cfg"], r["temperature"], r["fid"]) for r in new] == [
             (q["epochs"], q["n"], "joint sweep", cfg, 1.0, q["fid"]) for q in cv[1::3]]
         assert all(r["copied_from"] == q["time"] for q, r in zip(cv[1::3], new))
+
+    # Table 1 re-sweeping a row on other weights at 2 epochs (retrained: another weights_sha): a half-done
+    # sweep is never used; a complete one is, unless Table 1 swept the curve's own 2-epoch weights
+    settings = {m: curve.guided_settings(t1_ns, m, 100, [m]) for m in ("MAR paper", "AR raster")}
+    other = lambda row, c, fid, sha: dict(t1[0], row=row, kind="sweep", n=4, cfg=c, fid=fid, weights_sha=sha)
+    with open(tmp_path / "t1.jsonl", "a") as f:
+        f.writelines(json.dumps(other(row, 2.0, -1.0, "0123456789ab")) + "\n"
+                     for row in ("mar16_diffusion", "ar_raster_diffusion"))
+    assert {m: curve.guided_settings(t1_ns, m, 100, [m]) for m in settings} == settings
+    with open(tmp_path / "t1.jsonl", "a") as f:
+        f.writelines(json.dumps(other(row, c, -c, "0123456789ab")) + "\n"          # complete: chooses 3
+                     for row in ("mar16_diffusion", "ar_raster_diffusion") for c in (2.0, 3.0))
+    assert curve.guided_settings(t1_ns, "MAR paper", 100, ["MAR paper"]) == settings["MAR paper"]
+    assert curve.guided_settings(t1_ns, "AR raster", 100, ["AR raster"]) == [("cfg sweep", (3.0, 1.0))]
 
     # while another process holds AR raster's run, this one trains MAR paper on to its longest budget
     # before it waits (and the 4-epoch run, finished a moment ago, resumes despite its fresh mtime)
