@@ -26,11 +26,13 @@ Protocol: FID of --num (1,000) class-balanced samples against the 10,000 test im
 settings (guided_settings: the scale of Table 1's CFG sweep at 2 epochs, temperature 1.0; and, once
 every model of the call has one, the CFG scale and temperature of Table 1's joint sweep at 2 epochs, a
 second line per model, "tuned T"; the same for every budget, so that the curve measures the model, not
-a re-tuned sampler; each point records its setting and which sweep chose it). MAR samples with 16
-steps, AR with 49; EMA weights; 100 diffusion steps; Table 1's seeded batches. The report (curve.md) adds each
-guided line's trend (FID per doubling of the training length, over its last 3 points) and the budget at
-which each line would meet AR raster's if both trends held: an extrapolation, for where the curves have
-not crossed by the longest budget measured.
+a re-tuned sampler; each point records its setting, which sweep chose it and its run, run_sha). A line is
+one training run: a run lost and retrained from scratch is another training (another machine gives
+other weights, bit for bit), whose points are kept apart, and the curve shows each model's run that
+reaches the longest budget. MAR samples with 16 steps, AR with 49; EMA weights; 100 diffusion steps;
+Table 1's seeded batches. The report (curve.md) adds each guided line's trend (FID per doubling of the
+training length, over its last 3 points) and the budget at which each line would meet AR raster's if
+both trends held: an extrapolation, for where the curves have not crossed by the longest budget measured.
 """
 import argparse
 import math
@@ -60,9 +62,9 @@ TABLE1_EPOCHS = 2
 
 def sweep_key(t1, records, label, n_train):
     """checkpoint_key of the Table 1 sweep that chooses `label`'s guided settings, or None: the sweep of the
-    curve's own 2-epoch weights where Table 1 swept exactly those (its run is the curve's first 2 epochs, the
-    same seed and draws: retrained, it gives the same weights, bit for bit), else of the latest weights at 2
-    epochs whose CFG sweep is complete. Never an incomplete sweep: while table1.py re-sweeps a row on
+    curve's own 2-epoch weights where Table 1 swept exactly those (its run is the curve's first 2 epochs: the
+    same seed and draws, the same weights on the same machine), else of the latest weights at 2 epochs whose
+    CFG sweep is complete. Never an incomplete sweep: while table1.py re-sweeps a row on
     retrained weights, the curve keeps sampling with the choice it had."""
     row, steps = MODELS[label][2], steps_at(t1, label, TABLE1_EPOCHS, n_train)
     keys = [{k: r.get(k) for k in ("train_steps", "weights_sha")}
@@ -117,6 +119,14 @@ def snapshot(run_dir, epochs):
     return os.path.join(run_dir, f"checkpoint-ep{epochs:03d}.pth")
 
 
+def run_sha(run_dir):
+    """Which training a point belongs to: the weights_sha of the run's earliest snapshot. A run lost and
+    retrained from scratch is another training (not bitwise the same on another machine), whose points
+    make another line: a curve's points all come from one run."""
+    first = min(f for f in os.listdir(run_dir) if f.startswith("checkpoint-ep"))
+    return table1.weights_sha(mar.load_checkpoint(os.path.join(run_dir, first))[0])
+
+
 def seed_from_table1(t1, label, n_train):
     """Start the curve's run from Table 1's finished 2-epoch run (the same run; saves its 2 epochs):
     table1.py's run, or recipe.py's candidate run for the recipe."""
@@ -162,6 +172,7 @@ def measure(args, t1, ev, label, epochs, path, n):
     tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
     row = MODELS[label][2]
     num_iter = table1.ROWS[row][1]
+    run = run_sha(curve_dir(t1, label))
     for sampler, (cfg, temperature) in [("none", (1.0, 1.0))] + guided_settings(t1, label, len(ev.train_set),
                                                                                  args.models):
         point = dict(model=label, epochs=epochs, cfg=cfg, temperature=temperature, n=n, seed=t1.seed,
@@ -169,8 +180,9 @@ def measure(args, t1, ev, label, epochs, path, n):
         with table1.claim(args, **point) as mine:
             if mine:
                 images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg, "linear", temperature)
-                table1.append_record(args.out, dict(point, sampler=sampler, ref="test", fid=ev.fid(images, "test"),
-                                                    s_per_image=round(s_per_image, 4)), who="curve")
+                table1.append_record(args.out, dict(point, sampler=sampler, run_sha=run, ref="test",
+                                                    fid=ev.fid(images, "test"), s_per_image=round(s_per_image, 4)),
+                                     who="curve")
         done = table1.find(table1.read_records(args.out), **point)
         if done and not any(sampler_of(r) == sampler for r in done):
             # both sweeps chose this setting (a joint sweep that kept temperature 1.0): the same images, so
@@ -207,26 +219,38 @@ def meeting_epochs(a, b, after):
 GUIDED = {"cfg sweep": "w/ CFG", "joint sweep": "w/ CFG, tuned T"}      # sampler -> the line's name suffix
 
 
+def runs_of(records, label):
+    """{run_sha: {epochs: {sampler: the latest record}}} of `label`'s points, and the run the curve shows:
+    the one that reaches the longest budget (of those, the one measured last). Records from before the
+    field have run_sha None: one run."""
+    runs, last = {}, {}
+    for i, r in enumerate(records):
+        if r["model"] == label:
+            runs.setdefault(r.get("run_sha"), {}).setdefault(r["epochs"], {})[sampler_of(r)] = r
+            last[r.get("run_sha")] = i
+    shown = max(runs, key=lambda k: (max(runs[k]), last[k])) if runs else None
+    return runs, shown
+
+
 def write_report(args):
     records = [r for r in table1.read_records(args.out) if r["n"] == args.num]
-    series, lines = [], [f"FID of {args.num} samples vs the 10,000 test images against training epochs "
-                         "(experiments/curve.py; docs/curve.png). Each model's guided settings are fixed along the "
-                         "curve, chosen by Table 1's sweeps of its 2-epoch run: the CFG sweep's scale at temperature "
-                         "1.0, and the joint CFG / temperature sweep's choice once every model has one (tuned T).", "",
-                         "| model | epochs | steps | FID w/o CFG | FID w/ CFG (scale, T 1) | FID w/ CFG, tuned T "
-                         "(scale, T) |", "|---|---|---|---|---|---|"]
+    header = ["| model | epochs | steps | FID w/o CFG | FID w/ CFG (scale, T 1) | FID w/ CFG, tuned T (scale, T) |",
+              "|---|---|---|---|---|---|"]
+    series, others = [], []
+    lines = [f"FID of {args.num} samples vs the 10,000 test images against training epochs "
+             "(experiments/curve.py; docs/curve.png). Each model's guided settings are fixed along the "
+             "curve, chosen by Table 1's sweeps of its 2-epoch run: the CFG sweep's scale at temperature "
+             "1.0, and the joint CFG / temperature sweep's choice once every model has one (tuned T).", ""] + header
     kind = {}                                                       # a line's name -> its suffix
     cell = lambda r: "-" if r is None else f"{r['fid']:.2f} ({r['cfg']:g}, {r['temperature']:g})"
+    row = lambda label, e, p: (f"| {label} | {e:g} | {next(iter(p.values()))['train_steps']} | "
+                               f"{table1.fmt(p.get('none') and p['none']['fid'])} | {cell(p.get('cfg sweep'))} | "
+                               f"{cell(p.get('joint sweep'))} |")
     for label in MODELS:
-        pts = {}
-        for r in records:
-            if r["model"] == label:
-                pts.setdefault(r["epochs"], {})[sampler_of(r)] = r          # the latest record of each
-        for e in sorted(pts):
-            p = pts[e].get("none")
-            lines.append(f"| {label} | {e:g} | {next(iter(pts[e].values()))['train_steps']} | "
-                         f"{table1.fmt(p and p['fid'])} | {cell(pts[e].get('cfg sweep'))} | "
-                         f"{cell(pts[e].get('joint sweep'))} |")
+        runs, shown = runs_of(records, label)
+        for run, pts in runs.items():
+            (lines if run == shown else others).extend(row(label, e, pts[e]) for e in sorted(pts))
+        pts = runs.get(shown, {})
         for sampler, suffix in GUIDED.items():
             guided = [(e, pts[e][sampler]["fid"], "") for e in sorted(pts) if sampler in pts[e]]
             if guided:
@@ -246,6 +270,10 @@ def write_report(args):
                 e = meeting_epochs(trends[ref], t, max(longest[name], longest[ref]))
                 lines.append(f"- {name} would meet {ref} " + (f"at ~{e:.0f} epochs if both trends held"
                              if e is not None else "at no longer budget on these trends"))
+    if others:
+        lines += ["", "Other trainings of the same configurations, not in the curve (a run lost and trained again "
+                      "from scratch is another run: not bitwise the same on another machine; each line of the curve "
+                      "is one run, the one that reached the longest budget):", ""] + header + others
     if series:
         line_plot(os.path.join(args.docs, "curve.png"), series, "FID (N = 1,000 vs test) against training length",
                   "training epochs (log scale)", "FID", logx=True)

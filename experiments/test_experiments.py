@@ -551,6 +551,22 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
         assert f"- {name}: {g[1] - g[0]:+.2f} FID per doubling" in report
     assert f"| MAR paper | 4 | 6 | {cv[3]['fid']:.2f} | {cv[4]['fid']:.2f} ({cfg:g}, 1) | {cv[5]['fid']:.2f} " \
            f"({tuned[0]:g}, {tuned[1]:g}) |" in report
+    # a second training of the same configuration (the run lost and trained again on another machine): its
+    # points are listed apart, until it reaches a longer budget than the run shown
+    assert {r["run_sha"] for r in cv} == {curve.run_sha(str(d))}
+    again = [dict(r, run_sha="0123456789ab", weights_sha="0123456789ab", fid=r["fid"] + 100) for r in cv]
+
+    def report_of(records):
+        (tmp_path / "c2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        curve.main(["--table-only", "--num", "4", "--out", str(tmp_path / "c2.jsonl"), "--table",
+                    str(tmp_path / "c2.md"), "--docs", str(tmp_path)])
+        return (tmp_path / "c2.md").read_text()
+    main, other = report_of(cv + again[:3]).split("Other trainings")
+    assert f"{cv[0]['fid']:.2f}" in main and f"{again[0]['fid']:.2f}" in other.split("Trends")[0]
+    assert f"{again[0]['fid']:.2f}" not in main and report_of(cv).count("Other trainings") == 0
+    longer = [dict(r, epochs=8, train_steps=12) for r in again[3:6]]
+    main, other = report_of(cv + again[:3] + longer).split("Other trainings")
+    assert f"| MAR paper | 8 | 12 | {longer[0]['fid']:.2f} |" in main and f"{cv[3]['fid']:.2f}" in other
     # a model whose row has no joint sweep (here: MAR paper's CFG sweep alone, copied to AR raster's row)
     # puts every model of the call on its CFG sweep's scale at temperature 1.0
     ar = [dict(r, row="ar_raster_diffusion") for r in t1 if r["kind"] == "sweep" and "temperature" not in r]
