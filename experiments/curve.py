@@ -64,8 +64,8 @@ def sweep_key(t1, records, label, n_train):
     """checkpoint_key of the Table 1 sweep that chooses `label`'s guided settings, or None: the sweep of the
     curve's own 2-epoch weights where Table 1 swept exactly those (the curve's run starts from Table 1's
     finished 2-epoch run where there is one: seed_from_table1), else of the latest weights at 2 epochs whose
-    CFG sweep is complete. Never an incomplete sweep: while table1.py re-sweeps a row on
-    retrained weights, the curve keeps sampling with the choice it had."""
+    CFG sweep is complete. Never an incomplete sweep: while table1.py re-sweeps a row on retrained weights,
+    the curve keeps sampling with the choice it had."""
     row, steps = MODELS[label][2], steps_at(t1, label, TABLE1_EPOCHS, n_train)
     keys = [{k: r.get(k) for k in ("train_steps", "weights_sha")}
             for r in table1.find(records, row=row, kind="sweep", train_steps=steps)]
