@@ -76,7 +76,8 @@ arguments match COMMON + its own (so runs started by hand with the same argument
 unfinished one is resumed, unless its files changed in the last 10 minutes (it is probably still
 running: it is waited for, and resumed once they are 10 minutes old). A measurement is keyed on its
 checkpoint's step and a digest of its weights (weights_sha): a run retrained from scratch (its
-checkpoint lost, say) is not bitwise the run before it, so its points are measured again instead of being pooled with the old weights' in one sweep or row.
+checkpoint lost, say) is not bitwise the run before it, so its points are measured again instead of
+being pooled with the old weights' in one sweep or row.
 """
 import argparse
 import contextlib
