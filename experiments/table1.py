@@ -8,7 +8,7 @@ FID is fid.py.
 Run (from the repository root; everything finished is kept in the JSONL and skipped):
   python experiments/table1.py --runs_dir runs                        # the whole table, hours on 2 cores
   python experiments/table1.py --rows mar16_diffusion,mar16_ce,floor  # some rows (ROWS below)
-  python experiments/table1.py --train_only                           # only the 9 training runs
+  python experiments/table1.py --train_only                           # only the 10 training runs
   python experiments/table1.py --rows mar16_ce --no_cfg               # only the FID w/o CFG, for now
   python experiments/table1.py --table-only                           # Markdown from the JSONL
 On a small CPU, one process per core with one thread each is the fastest: e.g. the same command in
@@ -45,6 +45,9 @@ Protocol (every choice):
     experiments/recipe.py chose by FID against the training images (--mask_ratio_law uniform
     --pos_embed_init sincos --dropout 0: every known-token count covered in training, the grid's
     geometry in the position embeddings from step 0, no dropout), a 9th run.
+  * A third, "ar_raster_diffusion_dropout0": AR raster with --dropout 0, the one part of that recipe
+    that is not about MAR's masks or order, so that the recipe's MAR meets an AR given the same
+    change (a 10th run).
   * Sampling: EMA weights, fp32, batches of --batch (250) images, temperature 1.0, the linear CFG
     schedule (the paper's), 100 diffusion steps per token (the paper's), labels class-balanced
     (image i has class i % 10), batch b drawn from a generator seeded with (--seed, b) as sample.py.
@@ -122,6 +125,8 @@ RUNS = {
     # experiments/recipe.py's chosen candidate (recipe.CHOSEN; a test checks that the flags agree)
     "mar_diffusion_recipe": ("mar_tiny", None, "diffusion",
                              ("--mask_ratio_law", "uniform", "--pos_embed_init", "sincos", "--dropout", "0")),
+    # the control for the recipe's dropout 0, which is not specific to MAR (see ROWS)
+    "ar_diffusion_dropout0": ("ar_tiny", "raster", "diffusion", ("--dropout", "0")),
 }
 # table rows, in the paper's order: id -> (training run, num_iter (MAR) or None (AR), label columns)
 ROWS = {
@@ -143,6 +148,10 @@ ROWS = {
     # against the training images), confirmed here against the test set like every row.
     "mar16_diffusion_recipe": ("mar_diffusion_recipe", 16,
                                ("MAR, small-data recipe", "random", "bidirect", ">1 (16 steps)", "Diff Loss")),
+    # Not in the paper: AR raster with the recipe's one change that applies to any model, dropout 0, so
+    # that MAR's recipe is compared with an AR raster given the same chance (experiments/README.md).
+    "ar_raster_diffusion_dropout0": ("ar_diffusion_dropout0", None,
+                                     ("AR, dropout 0", "raster", "causal", "1", "Diff Loss")),
 }
 EXTRA_ROWS = ("floor", "tokens")
 # The paper's Table 1 (ImageNet 256, MAR-L / AR-L ~400M parameters, 400 epochs, VQ-16 tokens for CrossEnt,
@@ -154,6 +163,7 @@ PAPER = {
     "mar1_ce": ("8.75", "3.50"), "mar1_diffusion": ("3.43", "1.84"),
     "mar16_ce": ("8.79", "3.69"), "mar16_diffusion": ("3.50", "1.98"),
     "mar16_l2": (">100", "-"), "mar16_diffusion_mr0": ("-", "-"), "mar16_diffusion_recipe": ("-", "-"),
+    "ar_raster_diffusion_dropout0": ("-", "-"),
 }
 
 
@@ -220,9 +230,10 @@ def joint_grid(args, cfg):
 
 def best_setting(args, records, row, **key):
     """The joint sweep's choice (scale, temperature) with the lowest FID against the training images, as
-    the paper tunes both per model (None while the sweep is incomplete)."""
+    the paper tunes both per model (None while the sweep is incomplete, and with an empty
+    --temperature_grid: temperature 1.0 alone is the CFG sweep, not a joint one)."""
     cfg = best_cfg(args, records, row, **key)
-    if cfg is None:
+    if cfg is None or not args.temperature_grid:
         return None
     sweep = {(r["cfg"], r.get("temperature", 1.0)): r["fid"]
              for r in find(records, row=row, kind="sweep", n=args.num_sweep, **setting(args), **key)}

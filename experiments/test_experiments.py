@@ -213,6 +213,28 @@ def test_table1_runs(tmp_path):
     assert table1.RUNS["mar_diffusion_recipe"][3] == flags
     assert table1.run_dir(args, "mar_diffusion_recipe") == table1.run_dir(args, recipe.RUN, table1.flag_suffix(flags))
     assert curve.MODELS["MAR recipe"] == (recipe.RUN, flags, "mar16_diffusion_recipe")
+    # the AR raster control takes the recipe's dropout and nothing else: it differs from AR raster's run
+    # in that one argument, set to the recipe's value
+    ar, control = (vars(train.get_args(table1.train_argv(args, name))) for name in ("ar_diffusion", "ar_diffusion_dropout0"))
+    assert {k for k in ar if ar[k] != control[k]} == {"dropout"}
+    assert control["dropout"] == float(flags[flags.index("--dropout") + 1]) == 0.0
+    assert table1.ROWS["ar_raster_diffusion_dropout0"][:2] == ("ar_diffusion_dropout0", None)
+
+
+def test_table1_joint_choice():
+    """The joint sweep's choice is the lowest FID over the chosen CFG scale's grid neighbours, each at
+    temperature 1.0 and every --temperature_grid value; None while a point is missing, and None with an
+    empty --temperature_grid (the CFG sweep alone does not tune the temperature, so the report's "temperature
+    tuned" column must not show it as tuned)."""
+    args = table1.get_args(["--cfg_grid", "1.5,2,3,4", "--temperature_grid", "0.8"])
+    fid = {(1.5, 1.0): 9, (2, 1.0): 7, (3, 1.0): 5, (4, 1.0): 6, (2, 0.8): 4.5, (3, 0.8): 4.9, (4, 0.8): 8}
+    rec = lambda c, t: dict(row="r", kind="sweep", n=args.num_sweep, seed=args.seed, cfg=float(c), fid=fid[c, t],
+                            num_sampling_steps=args.num_sampling_steps, **({} if t == 1.0 else {"temperature": t}))
+    records = [rec(*p) for p in fid]
+    assert table1.best_cfg(args, records, "r") == 3.0
+    assert table1.best_setting(args, records, "r") == (2.0, 0.8)             # a neighbour of 3, not 3 itself
+    assert table1.best_setting(args, [r for r in records if r.get("temperature") != 0.8 or r["cfg"] != 4], "r") is None
+    assert table1.best_setting(table1.get_args(["--cfg_grid", "1.5,2,3,4", "--temperature_grid", ""]), records, "r") is None
 
 
 def test_table1_locks(tmp_path, monkeypatch):
