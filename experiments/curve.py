@@ -233,10 +233,11 @@ def runs_of(records, label):
 
 
 def write_report(args):
-    records = [r for r in table1.read_records(args.out) if r["n"] == args.num]
+    every = table1.read_records(args.out)
+    records = [r for r in every if r["n"] == args.num]
     header = ["| model | epochs | steps | FID w/o CFG | FID w/ CFG (scale, T 1) | FID w/ CFG, tuned T (scale, T) |",
               "|---|---|---|---|---|---|"]
-    series, others = [], []
+    series, others, finals = [], [], []
     lines = [f"FID of {args.num} samples vs the 10,000 test images against training epochs "
              "(experiments/curve.py; docs/curve.png). Each model's guided settings are fixed along the "
              "curve, chosen by Table 1's sweeps of its 2-epoch run: the CFG sweep's scale at temperature "
@@ -250,12 +251,17 @@ def write_report(args):
         runs, shown = runs_of(records, label)
         for run, pts in runs.items():
             (lines if run == shown else others).extend(row(label, e, pts[e]) for e in sorted(pts))
+        final = runs_of([r for r in every if r["n"] == args.num_final and r.get("run_sha") == shown], label)[0]
+        finals.extend(row(label, e, p) for e, p in sorted(final.get(shown, {}).items()))
         pts = runs.get(shown, {})
         for sampler, suffix in GUIDED.items():
             guided = [(e, pts[e][sampler]["fid"], "") for e in sorted(pts) if sampler in pts[e]]
             if guided:
                 series.append((f"{label} {suffix}", guided))
                 kind[f"{label} {suffix}"] = suffix
+    if finals:
+        lines += ["", f"FID of {args.num_final} samples vs the test images at the longest budget each run had "
+                      "reached when measured (the same runs and settings):", ""] + header + finals
     trends = {name: trend([(e, f) for e, f, _ in pts]) for name, pts in series}
     longest = {name: max(e for e, _, _ in pts) for name, pts in series}
     if any(t is not None for t in trends.values()):

@@ -573,6 +573,9 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
         assert f"- {name}: {g[1] - g[0]:+.2f} FID per doubling" in report
     assert f"| MAR paper | 4 | 6 | {cv[3]['fid']:.2f} | {cv[4]['fid']:.2f} ({cfg:g}, 1) | {cv[5]['fid']:.2f} " \
            f"({tuned[0]:g}, {tuned[1]:g}) |" in report
+    final = report.split("FID of 8 samples")[1].split("Trends")[0]               # the N = --num_final table
+    assert f"| MAR paper | 4 | 6 | {cv[6]['fid']:.2f} | {cv[7]['fid']:.2f} ({cfg:g}, 1) |" in final
+    assert f"{cv[3]['fid']:.2f}" not in final
     # a second training of the same configuration (the run lost and trained again on another machine): its
     # points are listed apart, until it reaches a longer budget than the run shown
     assert {r["run_sha"] for r in cv} == {curve.run_sha(str(d))}
