@@ -33,6 +33,9 @@ reaches the longest budget. MAR samples with 16 steps, AR with 49; EMA weights; 
 Table 1's seeded batches. The report (curve.md) adds each guided line's trend (FID per doubling of the
 training length, over its last 3 points) and the budget at which each line would meet AR raster's if
 both trends held: an extrapolation, for where the curves have not crossed by the longest budget measured.
+Since the lines bend, it adds a second extrapolation that lets them level off: FID = floor + B r^log2(epochs)
+through the last 3 points (saturating_fit), each floor with its range when the points move by a
+retraining's spread (--fit_spread), and where these fits would meet AR raster's.
 """
 import argparse
 import math
@@ -216,6 +219,62 @@ def meeting_epochs(a, b, after):
     return 2.0 ** x if x > math.log2(after) else None
 
 
+def saturating_fit(points, last=3):
+    """(floor, r, B) of FID = floor + B r^x, x = log2(epochs), through the `last` latest points exactly
+    (3 points, 3 parameters), or None where they do not bend towards a floor (FID not falling at every
+    step, or gains per doubling not shrinking). Each doubling keeps the fraction r of the excess over the
+    floor: a power law in epochs with an asymptote, the shape a straight line in log-epochs (trend) misses
+    once a curve bends. For 3 points at doubling budgets, r = (y2 - y3) / (y1 - y2)."""
+    pts = sorted(points)[-last:]
+    if len(pts) < 3:
+        return None
+    (x1, y1), (x2, y2), (x3, y3) = [(math.log2(e), f) for e, f in pts]
+    d1, d2 = y1 - y2, y2 - y3
+    # q(r) = (r^x1 - r^x2) / (r^x2 - r^x3) falls from infinity (r -> 0) to (x2 - x1) / (x3 - x2) (r -> 1):
+    # a floor exists where the measured ratio of the gains d1 / d2 lies in that range.
+    if d1 <= 0 or d2 <= 0 or d1 / d2 <= (x2 - x1) / (x3 - x2) * (1 + 1e-12):
+        return None
+    q = lambda r: (r ** x1 - r ** x2) / (r ** x2 - r ** x3)
+    lo, hi = 1e-12, 1.0 - 1e-12
+    for _ in range(200):                                   # bisection in r: q is decreasing
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if q(mid) > d1 / d2 else (lo, mid)
+    r = (lo + hi) / 2
+    b = d1 / (r ** x1 - r ** x2)
+    return y1 - b * r ** x1, r, b
+
+
+def floor_range(points, spread, last=3):
+    """(lowest, highest) floor of saturating_fit over every way of moving each of the last 3 points by
+    -spread, 0 or +spread (what a retraining moves a point by): how much the fit's floor can be trusted.
+    The lowest is -inf where some such move leaves no floor (then the data allow any lower one); None
+    where the points themselves have no fit."""
+    pts = sorted(points)[-last:]
+    if saturating_fit(pts) is None:
+        return None
+    floors = []
+    for i in range(3 ** len(pts)):
+        moved = [(e, f + spread * ((i // 3 ** k) % 3 - 1)) for k, (e, f) in enumerate(pts)]
+        fit = saturating_fit(moved)
+        floors.append(-math.inf if fit is None else fit[0])
+    return min(floors), max(floors)
+
+
+def meeting_saturating(a, b, after, until=2.0 ** 20):
+    """The first budget in epochs beyond `after` (and up to `until`) at which the saturating fits a and b
+    (floor, r, B) are equal, or None (they stay apart: the one behind levels off above the other)."""
+    f = lambda x: (a[0] + a[2] * a[1] ** x) - (b[0] + b[2] * b[1] ** x)
+    x0, step = math.log2(after), 1.0 / 64
+    xs = [x0 + k * step for k in range(int((math.log2(until) - x0) / step) + 1)]
+    for lo, hi in zip(xs, xs[1:]):
+        if f(lo) == 0 or (f(lo) > 0) != (f(hi) > 0):
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if (f(mid) > 0) == (f(lo) > 0) else (lo, mid)
+            return 2.0 ** ((lo + hi) / 2)
+    return None
+
+
 GUIDED = {"cfg sweep": "w/ CFG", "joint sweep": "w/ CFG, tuned T"}      # sampler -> the line's name suffix
 
 
@@ -276,6 +335,22 @@ def write_report(args):
                 e = meeting_epochs(trends[ref], t, max(longest[name], longest[ref]))
                 lines.append(f"- {name} would meet {ref} " + (f"at ~{e:.0f} epochs if both trends held"
                              if e is not None else "at no longer budget on these trends"))
+    fits = {name: saturating_fit([(e, f) for e, f, _ in pts]) for name, pts in series}
+    if any(fit is not None for fit in fits.values()):
+        lines += ["", f"Saturating fits (FID = floor + B r^log2(epochs) through each line's last 3 points: each "
+                      f"doubling keeps the fraction r of the excess over the floor; an extrapolation, not a "
+                      f"measurement; in brackets the floor's range with each point moved by -{args.fit_spread:g}, 0 "
+                      f"or +{args.fit_spread:g} FID, what a retraining moves a point by):"]
+        for name, pts in series:
+            fit, rng = fits[name], floor_range([(e, f) for e, f, _ in pts], args.fit_spread)
+            lines.append(f"- {name}: " + ("no floor in sight (not bending towards one yet)" if fit is None else
+                         f"floor {fit[0]:.1f} ({rng[0]:.1f} ... {rng[1]:.1f}), r {fit[1]:.2f} per doubling"))
+        for name, fit in fits.items():
+            ref = f"AR raster {kind[name]}"
+            if not name.startswith("AR raster") and fit is not None and fits.get(ref) is not None:
+                e = meeting_saturating(fits[ref], fit, max(longest[name], longest[ref]))
+                lines.append(f"- {name} would meet {ref} " + (f"at ~{e:.0f} epochs on these fits" if e is not None
+                             else f"at no longer budget on these fits (floors {fit[0]:.1f} vs {fits[ref][0]:.1f})"))
     if others:
         lines += ["", "Other trainings of the same configurations, not in the curve (a run lost and trained again "
                       "from scratch is another run: not bitwise the same on another machine; each line of the curve "
@@ -300,6 +375,8 @@ def get_args(argv=None):
     a("--train_only", action="store_true", help="only the training runs")
     a("--num", type=int, default=1000, help="samples per FID at each budget")
     a("--num_final", type=int, default=5000, help="samples per FID at the longest budget")
+    a("--fit_spread", type=float, default=1.0, help="FID by which a point may move in a retraining, for the "
+      "range of the saturating fits' floors (a retrained run moved 1,000-sample points by up to ~1 here)")
     a("--table1_args", default="", help="more table1.py flags (its protocol: --inception, --data_path, ...)")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]

@@ -518,6 +518,46 @@ def test_curve_trend_and_meeting_point():
     assert curve.meeting_epochs((-2.0, 42.0), (-12.5, 100.0), 256) is None  # met at ~46 epochs, before 256
 
 
+def test_curve_saturating_fit_floor_range_and_meeting(tmp_path):
+    """saturating_fit recovers (floor, r, B) of FID = floor + B r^log2(epochs) from 3 exact points, at
+    doubling budgets and at uneven ones; lines that do not bend have no fit; floor_range holds the fit's
+    floor (a point for spread 0) and is unbounded below where a move straightens the line; two fits meet
+    where they are equal, beyond the longest budget only; the report states fits and meeting points."""
+    law = lambda floor, r, b: (lambda e: floor + b * r ** math.log2(e))
+    ar, mar_ = law(20.0, 0.5, 80.0), law(10.0, 0.8, 200.0)
+    assert curve.saturating_fit([(e, ar(e)) for e in (2, 4, 8, 16)]) == pytest.approx((20.0, 0.5, 80.0))
+    assert curve.saturating_fit([(e, mar_(e)) for e in (2, 4, 32)]) == pytest.approx((10.0, 0.8, 200.0))
+    assert curve.saturating_fit([(2, 40.0), (4, 38.0), (8, 36.0)]) is None      # straight in log2(epochs)
+    assert curve.saturating_fit([(2, 40.0), (4, 38.0), (8, 39.0)]) is None      # rises
+    assert curve.saturating_fit([(4, 38.0), (8, 36.0)]) is None
+    pts = [(e, ar(e)) for e in (4, 8, 16)]                                     # 40, 30, 25: gains 10, 5
+    assert curve.floor_range(pts, 0.0) == pytest.approx((20.0, 20.0))
+    lo, hi = curve.floor_range(pts, 1.0)
+    assert lo < 20.0 < hi and math.isfinite(lo)
+    # the highest floor: the first and last points up, the middle one down (41, 29, 26: gains 12, 3, r 0.25),
+    # floor = y3 - d2 r / (1 - r)
+    assert hi == pytest.approx(26.0 - 3.0 * 0.25 / 0.75)
+    assert curve.floor_range([(4, 40.0), (8, 30.0), (16, 24.0)], 1.0)[0] == -math.inf    # gains 10, 6 -> 8, 8
+    assert curve.floor_range([(4, 40.0), (8, 38.0), (16, 36.0)], 1.0) is None
+    a, b = curve.saturating_fit(pts), curve.saturating_fit([(e, mar_(e)) for e in (4, 8, 16)])
+    e = curve.meeting_saturating(a, b, 16)
+    assert 16 < e and ar(e) == pytest.approx(mar_(e), abs=1e-6)               # mar_ is behind at 16, floor below
+    assert curve.meeting_saturating(a, curve.saturating_fit([(e, law(30.0, 0.5, 80.0)(e)) for e in (4, 8, 16)]),
+                                    16) is None                                 # levels off above: never meets
+    assert curve.meeting_saturating(b, a, 2 * e) is None                      # met before the longest budget
+
+    records = [dict(model=m, epochs=e, cfg=c, temperature=1.0, n=4, seed=0, train_steps=e, weights_sha=None,
+                    sampler="cfg sweep" if c > 1 else "none", run_sha=None, ref="test", fid=f(e) + (c > 1))
+               for m, f in (("AR raster", ar), ("MAR recipe", mar_)) for e in (2, 4, 8, 16) for c in (1.0, 3.0)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curve.main(["--table-only", "--num", "4", "--out", str(tmp_path / "c.jsonl"), "--table", str(tmp_path / "c.md"),
+                "--docs", str(tmp_path), "--fit_spread", "0"])
+    report = (tmp_path / "c.md").read_text()
+    assert "- AR raster w/ CFG: floor 21.0 (21.0 ... 21.0), r 0.50 per doubling" in report
+    assert "- MAR recipe w/ CFG: floor 11.0 (11.0 ... 11.0), r 0.80 per doubling" in report
+    assert f"- MAR recipe w/ CFG would meet AR raster w/ CFG at ~{e:.0f} epochs on these fits" in report
+
+
 def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_in, features):
     """table1.py's joint CFG / temperature sweep, then recipe.py (Table 1's run sampled with its EMA and
     its raw weights; a candidate's flags are train.py's, tested in test_all.py), then curve.py (Table 1's run seeds the curve, which trains on to 4 epochs and keeps both budgets'
