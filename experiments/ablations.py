@@ -201,12 +201,21 @@ def nice_ticks(lo, hi, n=5):
 
 def line_plot(path, series, title, xlabel, ylabel, logx=False, data_ticks=True, hline=None):
     """series: [(label, [(x, y, point label), ...])] -> PNG: framed axes with ticks and grid, the axis
-    labels, a legend above the frame, a dashed reference line hline = (label, y). Each series' line joins
-    its points in the order given (the speed plot's x, seconds, need not grow with its setting)."""
+    labels, a legend above the frame (in as many rows as its entries need), a dashed reference line
+    hline = (label, y). Each series' line joins its points in the order given (the speed plot's x,
+    seconds, need not grow with its setting)."""
     from PIL import Image, ImageDraw, ImageFont
-    W, H, L, R, T, B = 760, 500, 70, 30, 80, 55                # image size; margins left, right, top, bottom
+    W, H, L, R, B = 760, 500, 70, 30, 55                       # image size; margins left, right, bottom
     img, font = Image.new("RGB", (W, H), "white"), ImageFont.load_default(size=14)
     d = ImageDraw.Draw(img)
+    legend, lx, row = [], L, 0                                 # each entry's (x, row): a row wraps at the edge
+    for label, _ in series:
+        width = 30 + d.textlength(label, font=font)
+        if lx > L and lx + width > W - R:
+            lx, row = L, row + 1
+        legend.append((lx, row))
+        lx += width + 20
+    T = 60 + 20 * (row + 1)                                    # top margin: title, legend rows
     f = math.log10 if logx else float
     xs = sorted({p[0] for _, pts in series for p in pts})
     ys = [p[1] for _, pts in series for p in pts] + ([hline[1]] if hline else [])
@@ -230,18 +239,16 @@ def line_plot(path, series, title, xlabel, ylabel, logx=False, data_ticks=True, 
         for x in range(L, W - R, 12):
             d.line((x, Y(hline[1]), min(x + 6, W - R), Y(hline[1])), fill="gray")
         d.text((W - R - 4, Y(hline[1]) - 3), hline[0], fill="gray", font=font, anchor="rb")
-    lx = L
-    for color, (label, pts) in zip(("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
-                                    "#7f7f7f"), series):
+    for color, (label, pts), (lx, row) in zip(("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+                                               "#e377c2", "#7f7f7f"), series, legend):
         xy = [(X(x), Y(y)) for x, y, _ in pts]
         if len(xy) > 1:
             d.line(xy, fill=color, width=2)
         for (px, py), (_, _, tag) in zip(xy, pts):
             d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
             d.text((px + 5, py - 4), tag, fill=color, font=font, anchor="ld")
-        d.line((lx, 40, lx + 24, 40), fill=color, width=3)          # legend, one row above the frame
-        d.text((lx + 30, 40), label, fill="black", font=font, anchor="lm")
-        lx += 50 + d.textlength(label, font=font)
+        d.line((lx, 40 + 20 * row, lx + 24, 40 + 20 * row), fill=color, width=3)
+        d.text((lx + 30, 40 + 20 * row), label, fill="black", font=font, anchor="lm")
     img.save(path)
 
 

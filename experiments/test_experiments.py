@@ -558,6 +558,26 @@ def test_curve_saturating_fit_floor_range_and_meeting(tmp_path):
     assert f"- MAR recipe w/ CFG would meet AR raster w/ CFG at ~{e:.0f} epochs on these fits" in report
 
 
+def test_line_plot_legend_wraps(tmp_path):
+    """A legend wider than the plot continues on a second row above the frame: every series' swatch is
+    drawn (the curve's five lines once cut the fifth off at the image's edge); one row for a short one."""
+    from PIL import Image
+    pts = [(2, 40.0, ""), (4, 30.0, ""), (8, 25.0, "")]
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+    def legend_rows(labels, rows):
+        """The legend's rows, read off the swatches' colours above the frame (its top margin is 60 + 20 rows)."""
+        ablations.line_plot(str(tmp_path / "p.png"), [(lab, pts) for lab in labels], "t", "x", "y", logx=True)
+        img = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))[:60 + 20 * rows - 5]
+        ys = [np.nonzero((img == c).all(-1))[0] for c in colours[:len(labels)]]
+        assert all(len(y) for y in ys), "a swatch of the legend is missing"
+        return len({int(y.min()) for y in ys})
+    curve_lines = ["AR raster w/ CFG", "AR random w/ CFG", "MAR paper w/ CFG", "MAR recipe w/ CFG",
+                   "MAR recipe w/ CFG, tuned T"]                               # wider than the plot together
+    assert legend_rows(curve_lines, 2) == 2
+    assert legend_rows(["a", "b"], 1) == 1
+
+
 def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_in, features):
     """table1.py's joint CFG / temperature sweep, then recipe.py (Table 1's run sampled with its EMA and
     its raw weights; a candidate's flags are train.py's, tested in test_all.py), then curve.py (Table 1's run seeds the curve, which trains on to 4 epochs and keeps both budgets'
