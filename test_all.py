@@ -1855,6 +1855,30 @@ def test_dropout_flag(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_encoder_decoder_depth_flags(tmp_path):
+    """train.py --encoder_depth / --decoder_depth build a mar_* model with those blocks (1 + 3: the same
+    parameters as mar_tiny's 2 + 2, one block moved onto the unknown tokens' path), store them in the
+    config, so the checkpoint rebuilds and loads strictly; resuming without them is refused; ar_* models
+    and depths < 1 are refused before anything is written."""
+    train.main(TRAIN_TINY + ["--max_steps", "2", "--encoder_depth", "1", "--decoder_depth", "3",
+                             "--output_dir", str(tmp_path)])
+    ckpt = tmp_path / "checkpoint-last.pth"
+    model, c = load_checkpoint(str(ckpt))
+    assert (c["config"]["encoder_depth"], c["config"]["decoder_depth"]) == (1, 3)
+    assert (len(model.encoder_blocks), len(model.decoder_blocks)) == (1, 3)
+    default = build_model("mar_tiny", **{k: v for k, v in c["config"].items() if k not in ("model", "encoder_depth",
+                                                                                           "decoder_depth")})
+    assert (len(default.encoder_blocks), len(default.decoder_blocks)) == (2, 2)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in default.parameters())
+    resume = TRAIN_TINY + ["--max_steps", "3", "--output_dir", str(tmp_path), "--resume", str(ckpt)]
+    with pytest.raises(ValueError, match="encoder_depth: checkpoint 1 vs now None"):
+        train.main(resume)
+    for bad in (["--model", "ar_tiny", "--decoder_depth", "3"], ["--encoder_depth", "0"]):
+        with pytest.raises(ValueError, match="needs a mar_\\* model .* and a value >= 1"):
+            train.main(TRAIN_TINY + bad + ["--output_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_train_rejects_impossible_run_lengths(tmp_path):
     for flags, message in ((["--epochs", "0"], "--epochs must be > 0"), (["--epochs", "-1"], "--epochs must be > 0"),
                            (["--max_steps", "0"], "--max_steps must be >= 1"),

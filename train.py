@@ -260,7 +260,8 @@ def update_ema(ema, model, decay, step):
 # Arguments that change the numbers: resuming with a different value would silently start another run.
 MUST_MATCH = ("model", "data", "image_size", "patch_size", "hflip", "seed", "batch_size", "shards", "blr",
               "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay", "head", "vq", "order",
-              "diffloss_w", "mask_ratio_min", "mask_ratio_law", "pos_embed_init", "dropout")
+              "diffloss_w", "mask_ratio_min", "mask_ratio_law", "pos_embed_init", "dropout", "encoder_depth",
+              "decoder_depth")
 
 
 def save_checkpoint(path, state):
@@ -371,6 +372,11 @@ def build_parser():
     a("--pos_embed_init", default="normal", choices=mar.POS_EMBED_INITS,
       help="initial value of the learned position embeddings: normal (N(0, 0.02), the paper's) or sincos (2D "
            "sin-cos of the token grid, then learned as usual)")
+    a("--encoder_depth", type=int, default=None,
+      help="mar_* models: blocks of the MAE encoder (default: the model's, e.g. mar_tiny 2)")
+    a("--decoder_depth", type=int, default=None,
+      help="mar_* models: blocks of the decoder, the only ones an unknown token's query passes through (default: "
+           "the model's, e.g. mar_tiny 2; --encoder_depth 1 --decoder_depth 3 keeps mar_tiny's size)")
     a("--dropout", type=float, default=None,
       help="dropout on the Transformer's attention and projections (default: the model's, 0.1 as the released "
            "code; the per-token head has none)")
@@ -422,6 +428,11 @@ def get_args(argv=None):
                          "(the lower bound belongs to the truncnorm law)")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    for flag in ("encoder_depth", "decoder_depth"):
+        depth = getattr(args, flag)
+        if depth is not None and (args.model.startswith("ar_") or depth < 1):
+            raise ValueError(f"--{flag} {depth}: needs a mar_* model (ar_* models have one stack of blocks) "
+                             "and a value >= 1")
     if args.order is not None and not args.model.startswith("ar_"):
         raise ValueError(f"--order is for the causal ar_* models; {args.model} always generates in random order")
     resolve_defaults(vars(args))
@@ -476,6 +487,9 @@ def train(args, rank, world, device):
         extra["pos_embed_init"] = args.pos_embed_init
     if args.dropout is not None:
         extra["attn_dropout"] = extra["proj_dropout"] = args.dropout
+    for flag in ("encoder_depth", "decoder_depth"):
+        if getattr(args, flag) is not None:
+            extra[flag] = getattr(args, flag)
     model = mar.build_model(args.model, seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim,
                             num_classes=dataset.num_classes, **extra)
     if args.head == "ce":                        # the head samples codes: it holds the tokenizer's codebook

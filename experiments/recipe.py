@@ -14,6 +14,8 @@ Fashion-MNIST, 1,875 steps) with one change each:
   uniform_sincos  both of uniform and sincos
   uniform_sincos_dropout0  uniform_sincos with --dropout 0 (the Transformer's dropout 0.1 off: 2 epochs
                   of 60,000 images are far from overfitting)
+  uniform_sincos_dropout0_decoder3  that with --encoder_depth 1 --decoder_depth 3: the same 4 blocks, 3 of
+                  them on an unknown token's path (2 in mar_tiny; an ar_tiny query passes through 4)
 
 Run (from the repository root; a point already in the JSONL is skipped, a stopped training resumes):
   python experiments/recipe.py --runs_dir runs                       # every candidate
@@ -51,6 +53,8 @@ CANDIDATES = {
     "uniform_sincos": (("--mask_ratio_law", "uniform", "--pos_embed_init", "sincos"), "model_ema"),
     "uniform_sincos_dropout0": (("--mask_ratio_law", "uniform", "--pos_embed_init", "sincos", "--dropout", "0"),
                                 "model_ema"),
+    "uniform_sincos_dropout0_decoder3": (("--mask_ratio_law", "uniform", "--pos_embed_init", "sincos", "--dropout",
+                                          "0", "--encoder_depth", "1", "--decoder_depth", "3"), "model_ema"),
 }
 
 
