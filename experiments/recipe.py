@@ -91,17 +91,29 @@ def write_table(args):
              "lower is better). Written by experiments/recipe.py from experiments/recipe.jsonl.", "",
              f"| candidate | train.py flags | weights | FID w/o CFG | FID w/ CFG {args.cfg:g} | train steps | train time |",
              "|---|---|---|---|---|---|---|"]
-    for name in CANDIDATES:
-        key = table1.latest_key(records, candidate=name) or {}    # the candidate's latest weights measured
-        latest = {r["cfg"]: r for r in table1.find(records, candidate=name, **key)}
-        plain, guided = latest.get(1.0), latest.get(args.cfg)
+    header = lines[-2:]
+
+    def row(name, key):
+        by_cfg = {r["cfg"]: r for r in table1.find(records, candidate=name, **key)}
+        plain, guided = by_cfg.get(1.0), by_cfg.get(args.cfg)
         r = plain or guided
-        if r is None:
+        return (f"| {name} | {r['flags'] or '-'} | {r['weights']} | {table1.fmt(plain and plain['fid'])} | "
+                f"{table1.fmt(guided and guided['fid'])} | {r['train_steps']} | {r['train_time_s'] / 60:.0f} min |")
+
+    others = []
+    for name in CANDIDATES:
+        key = table1.latest_key(records, candidate=name)           # the candidate's latest weights measured
+        if key is None:
             lines.append(f"| {name} | {' '.join(CANDIDATES[name][0]) or '-'} | {CANDIDATES[name][1]} | "
                          "not measured yet | - | - | - |")
             continue
-        lines.append(f"| {name} | {r['flags'] or '-'} | {r['weights']} | {table1.fmt(plain and plain['fid'])} | "
-                     f"{table1.fmt(guided and guided['fid'])} | {r['train_steps']} | {r['train_time_s'] / 60:.0f} min |")
+        lines.append(row(name, key))
+        earlier = {(r["train_steps"], r.get("weights_sha")) for r in table1.find(records, candidate=name)}
+        others += [row(name, dict(train_steps=s, weights_sha=w)) for s, w in sorted(earlier, key=str)
+                   if (s, w) != (key["train_steps"], key["weights_sha"])]
+    if others:    # a run lost and trained again (another machine, another float order) is another run
+        lines += ["", "Earlier trainings of the same candidates (other weights; a candidate is compared with the "
+                      "runs trained beside it, on the same machine):", ""] + header + others
     tmp = f"{args.table}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")

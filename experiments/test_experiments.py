@@ -609,6 +609,14 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
         ("raw", "model", 1.0, "train", 3), ("raw", "model", 6.0, "train", 3)]
     assert rec[0]["fid"] != rec[2]["fid"]                                   # the raw weights are another model
     assert "| uniform | --mask_ratio_law uniform | model_ema | not measured yet |" in (tmp_path / "r.md").read_text()
+    assert "Earlier trainings" not in (tmp_path / "r.md").read_text()
+    # a retraining of "paper" measured before these weights (another weights_sha) is listed apart
+    earlier = [dict(r, weights_sha="e" * 12, fid=r["fid"] + 1) for r in rec[:2]]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier + rec))
+    recipe.main(["--table-only", "--num", "4", "--out", str(tmp_path / "r.jsonl"), "--table", str(tmp_path / "r.md")])
+    main_table, other = (tmp_path / "r.md").read_text().split("Earlier trainings")
+    fmt = lambda r: f"| paper | - | model_ema | {r[0]['fid']:.2f} | {r[1]['fid']:.2f} | 3 |"
+    assert fmt(rec) in main_table and fmt(earlier) in other and fmt(earlier) not in main_table
     with pytest.raises(ValueError, match="unknown --candidates"):
         recipe.get_args(["--candidates", "paper,bigger"])
 
