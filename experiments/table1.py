@@ -659,22 +659,37 @@ def write_table(args):
             psnr = "exact" if t["psnr_db"] is None else f"{t['psnr_db']:.2f}"
             notes.append(f"| {t['tokens']} | {t['mse']:.4f} | {psnr} | {t['rfid']:.2f} (N = {t['n']}) |")
     sweeps = find(records, kind="sweep", n=args.num_sweep, **setting(args))
-    if sweeps:
-        notes.append("")
-        notes.append(f"CFG sweep (FID of {args.num_sweep} samples vs {n} training images):")
-        for row in ROWS:
-            pts = sorted({r["cfg"]: r["fid"] for r in sweeps if r["row"] == row and "temperature" not in r}.items())
-            if pts:                                                                      # latest per scale
+    # Each row's sweep is shown for the checkpoint its finals come from (the row above); the sweeps of a
+    # later training of the row that has no finals yet (retrained after its checkpoint was lost, and
+    # being measured, or lost again) are listed apart, never pooled with them.
+    shown, later = {}, []
+    for row in ROWS:
+        mine = [r for r in sweeps if r["row"] == row]
+        finals = find(records, row=row, kind="final", n=n, **setting(args))
+        key = latest_key(finals or mine)
+        if key is None:
+            continue
+        shown[row] = find(mine, **key)
+        newest = latest_key(mine)
+        if newest is not None and newest != key:
+            later.append((row, find(mine, **newest)))
+    for title, groups in [("", list(shown.items())), (" of later trainings, other weights than the rows', with "
+                                                          "no finals yet", later)]:
+        plain = [(row, pts) for row, pts in groups if any("temperature" not in r for r in pts)]
+        joint = [(row, pts) for row, pts in groups if any("temperature" in r for r in pts)]
+        if plain:
+            notes.append("")
+            notes.append(f"CFG sweep{title} (FID of {args.num_sweep} samples vs {n} training images):")
+            for row, pts in plain:                                                       # latest per scale
+                pts = sorted({r["cfg"]: r["fid"] for r in pts if "temperature" not in r}.items())
                 notes.append(f"- {row}: " + ", ".join(f"{c:g}: {f:.2f}" for c, f in pts))
-        joint = [r for r in sweeps if "temperature" in r]
         if joint:
             notes.append("")
-            notes.append(f"Joint CFG / temperature sweep around each Diffusion Loss row's scale (FID of "
+            notes.append(f"Joint CFG / temperature sweep{title} around each Diffusion Loss row's scale (FID of "
                          f"{args.num_sweep} samples vs {n} training images; temperature 1.0 is the CFG sweep above):")
-            for row in ROWS:
-                pts = sorted({(r["cfg"], r["temperature"]): r["fid"] for r in joint if r["row"] == row}.items())
-                if pts:
-                    notes.append(f"- {row}: " + ", ".join(f"({c:g}, {t:g}): {f:.2f}" for (c, t), f in pts))
+            for row, pts in joint:
+                pts = sorted({(r["cfg"], r["temperature"]): r["fid"] for r in pts if "temperature" in r}.items())
+                notes.append(f"- {row}: " + ", ".join(f"({c:g}, {t:g}): {f:.2f}" for (c, t), f in pts))
     tmp = f"{args.table}.{os.getpid()}.tmp"          # several table1.py processes may share the table
     with open(tmp, "w") as f:
         f.write("\n".join(lines + [""] + notes) + "\n")

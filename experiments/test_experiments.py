@@ -237,6 +237,30 @@ def test_table1_joint_choice():
     assert table1.best_setting(table1.get_args(["--cfg_grid", "1.5,2,3,4", "--temperature_grid", ""]), records, "r") is None
 
 
+def test_table1_report_keeps_trainings_apart(tmp_path):
+    """A row's sweep in the report is the sweep of the checkpoint its finals come from; the sweep of a later
+    training of the row (retrained after its checkpoint was lost, no finals yet) is listed apart, never
+    pooled with it."""
+    args = table1.get_args(["--runs_dir", str(tmp_path), "--out", str(tmp_path / "t.jsonl"),
+                            "--table", str(tmp_path / "t.md"), "--cfg_grid", "2,4,6", "--temperature_grid", ""])
+    common = dict(row="mar16_diffusion", run="mar_diffusion", num_iter=16, train_steps=10, params=1, head_params=1,
+                  batch=1, threads=1, train_time_s=60, s_per_image=0.1, **table1.setting(args))
+    old, new = dict(weights_sha="aaa"), dict(weights_sha="bbb")
+    for key, fids in [(old, {2.0: 50.0, 4.0: 40.0, 6.0: 44.0}), (new, {2.0: 30.0, 4.0: 35.0, 6.0: 36.0})]:
+        for cfg, f in fids.items():
+            table1.append_record(args.out, dict(common, **key, kind="sweep", cfg=cfg, n=args.num_sweep, fid=f))
+        if key is old:
+            for cfg, f in [(1.0, 45.0), (4.0, 41.0)]:
+                table1.append_record(args.out, dict(common, **key, kind="final", cfg=cfg, n=args.num_fid, fid=f))
+    table1.write_table(args)
+    text = (tmp_path / "t.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| MAR | random | bidirect | >1 (16 steps) | Diff"))
+    assert "| 45.00 | 41.00 (4) |" in row
+    sweep, later = text.split("of later trainings")
+    assert "- mar16_diffusion: 2: 50.00, 4: 40.00, 6: 44.00" in sweep and "30.00" not in sweep
+    assert "- mar16_diffusion: 2: 30.00, 4: 35.00, 6: 36.00" in later and "50.00" not in later
+
+
 def test_table1_locks(tmp_path, monkeypatch):
     """table1.py processes share work through lock files: a lock of a running process is respected, one
     of a dead process (or a pid never written, a minute on) is taken over; cached reference features
