@@ -447,6 +447,11 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     try:
         train(args, rank, world, device)
+        if world > 1:
+            # Leave together: rank 0 is still writing the last checkpoint when the others finish; a rank
+            # that tears its gloo connections down meanwhile was seen to abort (SIGABRT, "terminate called
+            # without an active exception") in CI, and torchrun then fails the whole job.
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
