@@ -214,7 +214,8 @@ class DiffLoss(nn.Module):
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth,
                                   grad_checkpointing)
         # Coefficients live in non-persistent float32 buffers: they follow .to(device), cost no host
-        # work inside the loops, and stay out of the state dict (whose names must match the release).
+        # work inside the loops, stay out of the state dict (whose names must match the release), and stay
+        # fp32 under bf16 autocast, which casts only matrix-product inputs (bf16 would round each by up to 0.4%).
         for name, value in diffusion_coefficients(cosine_betas()).items():
             self.register_buffer("train_" + name, torch.tensor(value, dtype=torch.float32), persistent=False)
         self.set_sampling_steps(num_sampling_steps)
@@ -255,6 +256,7 @@ class DiffLoss(nn.Module):
         c = lambda name: getattr(self, "train_" + name)[t][:, None]   # (N, 1) coefficient at step t
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = c("sqrt_abar") * x0 + c("sqrt_one_minus_abar") * noise   # forward process q(x_t | x_0)
+        # fp32 from here on under bf16 autocast: the loss, its bound and their mean are reductions
         eps_hat, v = self.net(x_t, t, z).float().chunk(2, dim=-1)
         mse = ((noise - eps_hat) ** 2).mean(dim=-1)
         # eps_hat is detached: the bound only teaches the variance, the mean is taught by the MSE.
@@ -314,6 +316,7 @@ class DiffLoss(nn.Module):
         B rows, else 2B)."""
         c = lambda name: getattr(self, "sample_" + name)[i]                # (1,) coefficient
         y = self.net.time_embed(self.sample_t[i]) + cond                   # ORIGINAL step index; (N, width)
+        # The update in fp32 under bf16 autocast: the first of 100 steps scales eps errors by 1/sqrt(alpha) = 316
         out = self.net.forward_embedded(x if cfg is None else torch.cat([x, x]), y).float()
         eps_hat, v = out.chunk(2, dim=-1)
         if cfg is not None:

@@ -42,6 +42,8 @@ DEFAULT_TEMPERATURE = {"kl": 1.0, "vq": 1.0, "pixel": 0.5}
 EVAL_PER_CLASS = 50            # FID protocol: 50 images per class (50,000 for ImageNet)
 GRID_PER_CLASS = 8             # a preview grid: one row of 8 per class
 GRID_MAX_CLASSES = 16          # a preview of a 1000-class model shows 8 classes spread over the range
+PRECISIONS = ("auto", "fp32", "bf16")   # auto: bf16 where the device runs it fast (fast_bf16), else fp32
+SAMPLE_PRECISION = "auto"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def setup_distributed():
     """(rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (nanoGPT's test);
     a plain `python` run is rank 0 of 1. NCCL with one GPU per process, gloo on CPU."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, torch.device(default_device_type())
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local)
@@ -69,10 +71,46 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def autocast(device):
-    """bf16 autocast on GPUs (the released code's fp16 is a known source of NaN losses); fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def default_device_type():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fast_bf16(device_type):
+    """Whether the device multiplies bf16 matrices natively, as torch reports it: a CUDA GPU with bf16, or a
+    CPU with AVX512-BF16 or AMX (oneDNN then runs bf16 matrix products at about twice the fp32 rate;
+    on other CPUs bf16 is emulated and slower than fp32). Not the processor's name: a VM may hide flags."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":   # torch.cpu's private probes (torch >= 2.1); a torch without them: no
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in
+                   ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def resolve_precision(precision, device_type):
+    """--precision auto -> "bf16" where fast_bf16, else "fp32"; "fp32" / "bf16" are taken as asked."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if fast_bf16(device_type) else "fp32"
+    return precision
+
+
+def describe_precision(precision, device_type):
+    """For the start-up line: the precision taken and whether this device runs bf16 fast."""
+    fast = "reports fast bf16" if fast_bf16(device_type) else "reports no fast bf16 (bf16 is emulated, slower)"
+    return f"precision {precision} (this {device_type.upper()} {fast})"
+
+
+def autocast(device, precision):
+    """bf16 autocast: the matrix products (Linear, attention) in bf16, which has fp32's exponent range
+    (the released code's fp16 is a known source of NaN losses). What must stay fp32 does by construction:
+    the parameters, so the optimizer state and the EMA (autocast casts copies, never the weights); the
+    Diffusion Loss coefficients and the sampler's update, since diffloss.py casts the net's output to fp32
+    before them (its first of 100 steps multiplies the noise prediction's error by 1/sqrt(alpha) = 316); the
+    loss and its reduction, computed from that fp32 output. "fp32": no autocast."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -82,16 +120,18 @@ def to_uint8(images):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, labels, generator, num_iter=64, cfg=1.0, cfg_schedule="linear", temperature=None):
+def generate(model, tokenizer, labels, generator, num_iter=64, cfg=1.0, cfg_schedule="linear", temperature=None,
+             precision="fp32"):
     """labels (B,) long on the model's device -> uint8 images (B, H, W, C). The model must be in eval mode.
     num_iter (MAR's K) is capped at the sequence length; the causal AR always takes seq_len steps.
-    temperature None: DEFAULT_TEMPERATURE of the tokenizer's kind."""
+    temperature None: DEFAULT_TEMPERATURE of the tokenizer's kind. precision: "fp32" or "bf16" (autocast);
+    the tokenizer decodes in fp32 either way."""
     if temperature is None:
         temperature = DEFAULT_TEMPERATURE[tokenizer.config()["kind"]]
     kwargs = dict(cfg=cfg, cfg_schedule=cfg_schedule, labels=labels, temperature=temperature, generator=generator)
     if isinstance(model, mar.MAR):
         kwargs["num_iter"] = min(num_iter, model.seq_len)
-    with autocast(labels.device):
+    with autocast(labels.device, precision):
         tokens = model.sample_tokens(len(labels), **kwargs)                 # (B, seq, token_dim)
     return to_uint8(tokenizer.decode(tokens.float()))
 
@@ -192,6 +232,9 @@ def main(argv=None):
     p.add_argument("--npz", default=None, help="write all images as uint8 NHWC under 'arr_0' (ADM format)")
     p.add_argument("--png_dir", default=None, help="write every image as <dir>/<index>.png")
     p.add_argument("--compile", action="store_true", help="torch.compile the sampler (Diffusion Loss step; MAR's Transformer)")
+    p.add_argument("--precision", choices=PRECISIONS, default=SAMPLE_PRECISION,
+                   help=f"autocast of the model: auto = bf16 on GPUs and on CPUs with bf16 instructions, else fp32 "
+                        f"(default {SAMPLE_PRECISION}; benchmarks/README.md)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_iter < 1:
         raise ValueError("--batch_size and --num_iter must be >= 1")
@@ -207,6 +250,7 @@ def main(argv=None):
         args.out = os.path.join(os.path.dirname(args.ckpt), "samples.png")
 
     rank, world, device = setup_distributed()
+    precision = resolve_precision(args.precision, device.type)
     model, ckpt = load_model(args)
     model.to(device)
     tokenizer = load_tokenizer(args, ckpt).to(device)
@@ -222,13 +266,13 @@ def main(argv=None):
     batches = list(range(math.ceil(len(labels) / args.batch_size)))[rank::world]
     print0(f"{args.ckpt}: {model.config['model']} ({args.weights}), {len(labels)} images, "
            f"{world} process(es), cfg {args.cfg} ({args.cfg_schedule}), temperature {args.temperature}, "
-           f"{min(args.num_iter, model.seq_len)} steps")
+           f"{min(args.num_iter, model.seq_len)} steps, {describe_precision(precision, device.type)}")
     mine, t0 = [], time.time()
     for b in batches:
         idx = torch.arange(b * args.batch_size, min((b + 1) * args.batch_size, len(labels)))
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b)   # (seed, batch) -> same images
         images = generate(model, tokenizer, labels[idx].to(device), g, args.num_iter, args.cfg,
-                          args.cfg_schedule, args.temperature)                  # (b, H, W, C) uint8
+                          args.cfg_schedule, args.temperature, precision)       # (b, H, W, C) uint8
         mine.append((idx, images))
         if args.png_dir is not None:
             from PIL import Image

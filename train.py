@@ -55,7 +55,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mar
 import tokenizer as tk
-from sample import DEFAULT_OUTPUT_DIR, autocast, generate, grid_classes, print0, save_grid, setup_distributed
+from sample import (DEFAULT_OUTPUT_DIR, PRECISIONS, autocast, default_device_type, describe_precision, generate,
+                    grid_classes, print0, resolve_precision, save_grid, setup_distributed)
 
 DATA_SOURCES = ("builtin", "folder", "latents", "array", "fashion_mnist")
 
@@ -261,7 +262,7 @@ def update_ema(ema, model, decay, step):
 MUST_MATCH = ("model", "data", "image_size", "patch_size", "hflip", "seed", "batch_size", "shards", "blr",
               "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay", "head", "vq", "order",
               "diffloss_w", "mask_ratio_min", "mask_ratio_law", "pos_embed_init", "dropout", "encoder_depth",
-              "decoder_depth")
+              "decoder_depth", "precision")
 
 
 def save_checkpoint(path, state):
@@ -309,8 +310,9 @@ def resolve_defaults(args):
 
 def checkpoint_args(ckpt):
     """The arguments a checkpoint was trained with (stored resolved), the parser's defaults filling in
-    any flag it does not name; a run from before --mask_ratio_law trained with the truncnorm law."""
-    return {**vars(build_parser().parse_args([])), "mask_ratio_law": "truncnorm", **ckpt["args"]}
+    any flag it does not name; a run from before --mask_ratio_law trained with the truncnorm law, one from
+    before --precision in fp32 (on a GPU it was bf16: resume it with --precision bf16)."""
+    return {**vars(build_parser().parse_args([])), "mask_ratio_law": "truncnorm", "precision": "fp32", **ckpt["args"]}
 
 
 def check_resume(ckpt, run_args, tokenizer_cfg):
@@ -395,6 +397,9 @@ def build_parser():
     a("--ema_decay", type=float, default=0.9999, help="EMA of the weights, used for sampling (paper: 0.9999)")
     a("--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory")
     a("--compile", action="store_true", help="torch.compile the Diffusion Loss MLP (benchmarks/README.md)")
+    a("--precision", choices=PRECISIONS, default="auto",
+      help="autocast of the forward pass: auto = bf16 on GPUs and on CPUs with bf16 instructions (about twice "
+           "the fp32 speed there, the same FID: benchmarks/README.md), else fp32")
     a("--seed", type=int, default=0)
     a("--num_workers", type=int, default=0, help="DataLoader processes (use ~8 for --data folder/latents)")
     a("--output_dir", default=DEFAULT_OUTPUT_DIR)
@@ -436,6 +441,7 @@ def get_args(argv=None):
     if args.order is not None and not args.model.startswith("ar_"):
         raise ValueError(f"--order is for the causal ar_* models; {args.model} always generates in random order")
     resolve_defaults(vars(args))
+    args.precision = resolve_precision(args.precision, default_device_type())   # stored resolved, like the above
     if args.resume is not None and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint (a missing file never means "
                                 "'start from scratch': drop --resume to start a new run)")
@@ -537,7 +543,8 @@ def train(args, rank, world, device):
             f.writelines(rows)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"{args.model}: {n_params / 1e6:.2f}M parameters, tokens {tokenizer.seq_len} x {tokenizer.token_dim}, "
-           f"{dataset.num_classes} classes, {len(dataset)} images | {world} process(es) on {device}, global batch "
+           f"{dataset.num_classes} classes, {len(dataset)} images | {world} process(es) on {device}, "
+           f"{describe_precision(args.precision, device.type)}, global batch "
            f"{global_batch}, lr {peak_lr:.2e}, {stop_step} steps"
            + (f" (--max_steps; the schedule has {total_steps})" if stop_step < total_steps else "")
            + f", {steps_per_epoch:.1f} steps/epoch"
@@ -564,7 +571,8 @@ def train(args, rank, world, device):
         if is_main and args.sample_every > 0:
             labels = torch.tensor(grid_classes(dataset.num_classes), device=device).repeat_interleave(8)
             g = torch.Generator(device).manual_seed(args.seed)
-            images = generate(ema, tokenizer, labels, g)          # sample.py's defaults: no CFG, 64 steps (<= seq)
+            images = generate(ema, tokenizer, labels, g,           # sample.py's defaults: no CFG, 64 steps (<= seq)
+                              precision=args.precision)
             save_grid(images, os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
 
     def check_finite():
@@ -590,7 +598,7 @@ def train(args, rank, world, device):
                 with torch.no_grad():                                     # tokens in fp32: frozen tokenizer
                     tokens = tokenizer.tokens_from_moments(x) if args.data == "latents" else tokenizer.encode(x)
                 sync = a == args.accum_iter - 1 or world == 1             # DDP all-reduces on the last one
-                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device):
+                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, args.precision):
                     loss = ddp(tokens, labels) / args.accum_iter
                 loss.backward()
                 loss_sum += loss.detach()
