@@ -175,7 +175,8 @@ def measure(args, t1, ev, runs, sweep, t1_records):
         for x in curve["grid"]:
             p = point(curve, x)
             model, tokenizer, info = runs[p["run"], p["diffloss_w"]]
-            key = dict(p, n=args.num, seed=t1.seed, train_steps=info["train_steps"], weights_sha=info["weights_sha"])
+            key = dict(p, n=args.num, seed=t1.seed, precision=t1.precision, train_steps=info["train_steps"],
+                       weights_sha=info["weights_sha"])
             with table1.claim(args, kind="point", **key) as mine:
                 if not mine:
                     continue

@@ -179,7 +179,7 @@ def measure(args, t1, ev, label, epochs, path, n):
     for sampler, (cfg, temperature) in [("none", (1.0, 1.0))] + guided_settings(t1, label, len(ev.train_set),
                                                                                  args.models):
         point = dict(model=label, epochs=epochs, cfg=cfg, temperature=temperature, n=n, seed=t1.seed,
-                     **table1.checkpoint_key(model, ckpt))
+                     precision=t1.precision, **table1.checkpoint_key(model, ckpt))
         with table1.claim(args, **point) as mine:
             if mine:
                 images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg, "linear", temperature)

@@ -74,7 +74,8 @@ def measure(args, t1, ev, name, path):
     model.diffloss.set_sampling_steps(t1.num_sampling_steps)
     tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
     for cfg in (1.0, args.cfg):
-        point = dict(candidate=name, cfg=cfg, n=args.num, seed=t1.seed, **table1.checkpoint_key(model, ckpt))
+        point = dict(candidate=name, cfg=cfg, n=args.num, seed=t1.seed, precision=t1.precision,
+                     **table1.checkpoint_key(model, ckpt))
         with table1.claim(args, **point) as mine:
             if mine:
                 images, s_per_image = ev.sample(model, tokenizer, args.num, MAR_STEPS, cfg)

@@ -36,6 +36,8 @@ import fid_speed  # noqa: E402
 import flop_bound  # noqa: E402
 import head_ceiling  # noqa: E402
 import masked_rows  # noqa: E402
+import precision  # noqa: E402
+import precision_speed  # noqa: E402
 import mar  # noqa: E402
 import recipe  # noqa: E402
 import speed  # noqa: E402
@@ -148,7 +150,7 @@ def test_table1_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     ckpt_path = str(runs / "t1_mar_tiny_ce" / "checkpoint-last.pth")
     sha = table1.weights_sha(mar.load_checkpoint(ckpt_path)[0])
     lock = table1.measurement_lock(table1.get_args(argv), row="mar16_ce", kind="sweep", cfg=2.0, n=2, train_steps=2,
-                                   weights_sha=sha, seed=0, num_sampling_steps=2)
+                                   weights_sha=sha, seed=0, num_sampling_steps=2, precision="fp32")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     open(lock, "w").write(str(holder.pid))
     table1.main(argv, inception=features)
@@ -228,8 +230,8 @@ def test_table1_joint_choice():
     tuned" column must not show it as tuned)."""
     args = table1.get_args(["--cfg_grid", "1.5,2,3,4", "--temperature_grid", "0.8"])
     fid = {(1.5, 1.0): 9, (2, 1.0): 7, (3, 1.0): 5, (4, 1.0): 6, (2, 0.8): 4.5, (3, 0.8): 4.9, (4, 0.8): 8}
-    rec = lambda c, t: dict(row="r", kind="sweep", n=args.num_sweep, seed=args.seed, cfg=float(c), fid=fid[c, t],
-                            num_sampling_steps=args.num_sampling_steps, **({} if t == 1.0 else {"temperature": t}))
+    rec = lambda c, t: dict(row="r", kind="sweep", n=args.num_sweep, cfg=float(c), fid=fid[c, t], **table1.setting(args),
+                            **({} if t == 1.0 else {"temperature": t}))
     records = [rec(*p) for p in fid]
     assert table1.best_cfg(args, records, "r") == 3.0
     assert table1.best_setting(args, records, "r") == (2.0, 0.8)             # a neighbour of 3, not 3 itself
@@ -323,10 +325,11 @@ def test_ablations_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_in, feat
     assert w in (2.0, 3.0)
 
     seen, real = [], table1.generate                 # what the sampler receives
-    def spy(model, tokenizer, labels, g, num_iter, cfg, cfg_schedule, temperature):
+    def spy(model, tokenizer, labels, g, num_iter, cfg, cfg_schedule, temperature, precision):
         seen.append((model.diffloss.net.input_proj.out_features, model.diffloss.num_sampling_steps,
                      num_iter if isinstance(model, MAR) else 49, temperature, cfg, cfg_schedule))
-        return real(model, tokenizer, labels, g, num_iter, cfg, cfg_schedule, temperature)
+        assert precision == "fp32"                   # table1.py's --precision default: its tables' protocol
+        return real(model, tokenizer, labels, g, num_iter, cfg, cfg_schedule, temperature, precision)
     monkeypatch.setattr(table1, "generate", spy)
     argv = ["--out", str(out), "--table", str(md), "--plots_dir", str(plots), "--table1", str(t1_out),
             "--table1_args", shlex.join(t1_flags), "--num", "4", "--steps_grid", "2,3", "--temperature_grid", "0.5,1",
@@ -757,6 +760,46 @@ def test_masked_rows_benchmark_runs(capsys):
     assert [r["law"] for r in rows] == ["truncnorm", "uniform"]
     assert all(r["full_s"] > 0 and r["masked_only_s"] > 0 for r in rows)
     assert "masked rows only" in capsys.readouterr().out
+
+
+def test_precision_speed_benchmark_runs(tmp_path, capsys):
+    """benchmarks/precision_speed.py on tiny settings: one row per (case, threads), fp32 and bf16 timed."""
+    out = tmp_path / "p.jsonl"
+    rows = precision_speed.main(["--cases", "demo_train,table1_sample_cfg6", "--threads", "1", "--repeats", "1",
+                                 "--warmup", "0", "--train_steps", "1", "--sample_batch", "3",
+                                 "--num_sampling_steps", "2", "--out", str(out)])
+    assert [(r["case"], r["threads"], r["batch"]) for r in rows] == [("demo_train", 1, 64), ("table1_sample_cfg6", 1, 3)]
+    assert rows[0]["s_per_step_fp32"] > 0 and rows[1]["s_per_image_bf16"] > 0 and rows[1]["cfg"] == 6.0
+    saved = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(saved) == 2 and saved[0]["torch"] == torch.__version__ and "fast_bf16" in saved[0]
+    assert "reports fast bf16" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        precision_speed.main(["--cases", "nope"])
+
+
+def test_precision_experiment_end_to_end_tiny(tmp_path, fashion_stand_in, features):
+    """experiments/precision.py on the stand-in data (one model, for time): trained in fp32 and in bf16
+    (train.py --precision, the precision stored in the checkpoint), each checkpoint sampled in both; 4
+    points, one table row per training; a second call measures nothing again."""
+    t1_args = ["--data_path", str(fashion_stand_in), "--num_fid", "4", "--batch", "4", "--num_sampling_steps", "2",
+               "--inception", str(tmp_path / "none.pth")]
+    argv = ["--runs_dir", str(tmp_path / "runs"), "--table1_args", shlex.join(t1_args), "--num", "4",
+            "--max_steps", "2", "--out", str(tmp_path / "p.jsonl"), "--table", str(tmp_path / "p.md"),
+            "--models", "mar_recipe"]
+    precision.main(argv, inception=features)
+    rec = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert sorted((r["model"], r["train_precision"], r["precision"]) for r in rec) == sorted(
+        ("mar_recipe", t, p) for t in ("fp32", "bf16") for p in ("fp32", "bf16"))
+    shas = {t: {r["weights_sha"] for r in rec if r["train_precision"] == t} for t in ("fp32", "bf16")}
+    assert len(shas["fp32"]) == len(shas["bf16"]) == 1 and shas["fp32"] != shas["bf16"]         # two trainings
+    assert all((r["cfg"], r["run"], r["num_iter"]) == (6.0, "mar_diffusion_recipe", 16) for r in rec)
+    for p in ("fp32", "bf16"):
+        run = table1.run_dir(table1.get_args(["--runs_dir", str(tmp_path / "runs")]), "mar_diffusion_recipe", "_" + p)
+        assert T.torch_load(os.path.join(run, "checkpoint-last.pth"))["args"]["precision"] == p
+    table = (tmp_path / "p.md").read_text()
+    assert table.count("| mar_recipe | 6 |") == 2 and "| ar_raster | 3 | fp32 | not measured yet |" in table
+    precision.main(argv, inception=features)
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == len(rec)
 
 
 def test_speed_benchmark_tiny_cpu(tmp_path, capsys):
