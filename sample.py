@@ -81,7 +81,7 @@ def fast_bf16(device_type):
     on other CPUs bf16 is emulated and slower than fp32). Not the processor's name: a VM may hide flags."""
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device_type == "cpu":   # torch.cpu's private probes (torch >= 2.1); a torch without them: no
+    if device_type == "cpu":   # torch.cpu's private probes; a torch without them counts as no
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in
                    ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return False

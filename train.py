@@ -55,8 +55,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mar
 import tokenizer as tk
-from sample import (DEFAULT_OUTPUT_DIR, PRECISIONS, autocast, default_device_type, describe_precision, generate,
-                    grid_classes, print0, resolve_precision, save_grid, setup_distributed)
+from sample import (DEFAULT_OUTPUT_DIR, PRECISIONS, SAMPLE_PRECISION, autocast, default_device_type, describe_precision,
+                    generate, grid_classes, print0, resolve_precision, save_grid, setup_distributed)
 
 DATA_SOURCES = ("builtin", "folder", "latents", "array", "fashion_mnist")
 
@@ -572,7 +572,7 @@ def train(args, rank, world, device):
             labels = torch.tensor(grid_classes(dataset.num_classes), device=device).repeat_interleave(8)
             g = torch.Generator(device).manual_seed(args.seed)
             images = generate(ema, tokenizer, labels, g,           # sample.py's defaults: no CFG, 64 steps (<= seq)
-                              precision=args.precision)
+                              precision=resolve_precision(SAMPLE_PRECISION, device.type))
             save_grid(images, os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
 
     def check_finite():

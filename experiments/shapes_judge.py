@@ -103,18 +103,22 @@ def main(argv=None):
     p.add_argument("--cfg_schedule", nargs="+", default=["linear"], choices=mar.CFG_SCHEDULES,
                    help="one or more CFG schedules (sample.py's --cfg_schedule)")
     p.add_argument("--num_sampling_steps", type=int, default=100)
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"),
+                   default=[sample.resolve_precision(sample.SAMPLE_PRECISION, "cpu")],
+                   help="one or more sampling precisions (default: sample.py's on this CPU)")
     p.add_argument("--per_class", type=int, default=20, help="samples per class (10 classes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help="PNG of the first setting's samples, 8 per class")
     args = p.parse_args(argv)
     if not os.path.isfile(args.ckpt):
         raise FileNotFoundError(f"--ckpt {args.ckpt!r}: no such checkpoint (train one with python train.py)")
-    settings = [dict(cfg=c, temperature=t, num_iter=k, cfg_schedule=s)
-                for c, t, k, s in itertools.product(args.cfg, args.temperature, args.num_iter, args.cfg_schedule)]
+    settings = [dict(cfg=c, temperature=t, num_iter=k, cfg_schedule=s, precision=pr) for c, t, k, s, pr in
+                itertools.product(args.cfg, args.temperature, args.num_iter, args.cfg_schedule, args.precision)]
     t0 = time.time()
     for setting, acc, per_class in judge_checkpoint(args.ckpt, settings, args.per_class, args.num_sampling_steps,
                                                     args.seed, args.grid):
-        print(f"cfg {setting['cfg']:g} ({setting['cfg_schedule']}) temperature {setting['temperature']:g} num_iter {setting['num_iter']}: "
+        print(f"cfg {setting['cfg']:g} ({setting['cfg_schedule']}) temperature {setting['temperature']:g} num_iter "
+              f"{setting['num_iter']} {setting['precision']}: "
               f"accuracy {acc:.3f} | per class " + " ".join(f"{n} {a:.2f}" for n, a in zip(train.SHAPES, per_class)),
               flush=True)
     print(f"{len(settings)} settings x {args.per_class * len(train.SHAPES)} samples in {time.time() - t0:.0f} s")
