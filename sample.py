@@ -79,8 +79,8 @@ def fast_bf16(device_type):
     """Whether the device multiplies bf16 matrices natively, as torch reports it: a CUDA GPU with bf16, or a
     CPU with AVX512-BF16 or AMX (oneDNN then runs bf16 matrix products at about twice the fp32 rate;
     on other CPUs bf16 is emulated and slower than fp32). Not the processor's name: a VM may hide flags."""
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device_type == "cuda":                  # native only: pre-Ampere GPUs emulate it
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "cpu":   # torch.cpu's private probes; a torch without them counts as no
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in
                    ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

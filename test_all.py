@@ -1557,13 +1557,15 @@ def test_evaluate_end_to_end_with_stub_network(tmp_path):
 # A tiny run: 8x8 shapes, 2x2 patches -> 16 tokens of 4 values; no previews. Runs go in-process
 # (train.main / sample.main) unless the test is about processes (torchrun, the command lines' error
 # output); those get fixed threads, so that two processes compute bit-identical numbers to one.
+# fp32 whatever the CPU: the exactness tests compare float sums; bf16 has its own tests (precision, below)
 TRAIN_TINY = ["--image_size", "8", "--patch_size", "2", "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0.01",
-        "--blr", "1e-2", "--log_every", "1", "--ckpt_every", "1000", "--sample_every", "0"]
+        "--blr", "1e-2", "--log_every", "1", "--ckpt_every", "1000", "--sample_every", "0", "--precision", "fp32"]
 TRAIN_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
 # Same seed, same shard layout: the weights agree to float summation order; in practice they are equal.
 TOL = 1e-6
 # The learning run (built-in 16x16 shapes, default model and tokens): see test_learns_builtin_shapes.
 # Batch 32 at base lr 8e-3 is the default run's lr (1e-3 = blr * batch / 256) at half its cost per step.
+# It trains and samples at the default --precision auto: bf16 on a CPU with bf16 instructions, as the demo does.
 LEARN = ["--max_steps", "300", "--batch_size", "32", "--blr", "8e-3", "--warmup_epochs", "0.5", "--sample_every", "0",
          "--log_every", "100"]
 LEARN_MIN_ACC = 0.2   # chance is 0.10; with 200 samples its std is 0.021, so 0.2 is > 4 sigma above it
@@ -1601,7 +1603,8 @@ def full_run(tmp_path_factory):
 def sample_npz(ckpt, out_dir, seed, extra=()):
     npz, png = out_dir / f"s{seed}.npz", out_dir / f"s{seed}.png"
     sample.main(["--ckpt", str(ckpt), "--num_images", "20", "--batch_size", "8", "--num_iter", "4",
-                 "--num_sampling_steps", "5", "--seed", str(seed), "--npz", str(npz), "--out", str(png), *extra])
+                 "--num_sampling_steps", "5", "--seed", str(seed), "--npz", str(npz), "--out", str(png),
+                 "--precision", "fp32", *extra])
     return np.load(npz)["arr_0"], png
 
 
@@ -1928,6 +1931,7 @@ def test_bf16_training_follows_fp32_and_keeps_fp32_state():
 def test_auto_precision_follows_what_torch_reports(monkeypatch):
     """--precision auto: bf16 where torch reports bf16 instructions (AVX512-BF16 or AMX), fp32 where it
     reports neither (simulated by patching torch's probes); an explicit choice is taken as asked."""
+    monkeypatch.setattr(train, "default_device_type", lambda: "cpu")         # also on a machine with a GPU
     for has_bf16, want in ((False, "fp32"), (True, "bf16")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
@@ -1958,7 +1962,7 @@ def test_checkpoints_cross_precisions(full_run, tmp_path):
             images[name, precision] = sample_npz(path, tmp_path, seed=1, extra=["--precision", precision])[0]
     for name in ("fp32-trained", "bf16-trained"):
         a, b = (images[name, p].astype(float) for p in ("fp32", "bf16"))
-        assert a.shape == b.shape == (20, 8, 8, 1)
+        assert a.shape == b.shape == (20, 8, 8, 1) and not np.array_equal(a, b)     # bf16 really sampled
         # of 255: the same images up to rounding (measured 0.002; another seed's images differ by ~110)
         assert np.abs(a - b).mean() < 5, np.abs(a - b).mean()
     with pytest.raises(ValueError, match="precision: checkpoint 'bf16' vs now 'fp32'"):
@@ -1999,11 +2003,13 @@ def test_checkpoint_args_resolved_and_filled_in(full_run, tmp_path):
     del ckpt["args"]["mask_ratio_law"]                     # from before the law flag: the truncnorm law it trained
     assert train.checkpoint_args(ckpt)["mask_ratio_law"] == "truncnorm"
     ckpt["args"]["mask_ratio_law"] = "uniform"
-    ckpt["step"] = 6                                       # as if the older run had stopped early
+    del ckpt["args"]["precision"]                          # from before --precision: fp32 (CPU) or bf16 (GPU),
+    ckpt["step"] = 6                                       # so either continues it; as if it had stopped early
     path = tmp_path / "checkpoint-last.pth"
     torch.save(ckpt, path)
-    train.main(TRAIN_TINY + ["--max_steps", "7", "--output_dir", str(tmp_path), "--resume", str(path)])
-    assert T.torch_load(str(path))["step"] == 7
+    train.main(TRAIN_TINY + ["--max_steps", "7", "--output_dir", str(tmp_path), "--resume", str(path),
+                             "--precision", "bf16"])
+    assert T.torch_load(str(path))["step"] == 7 and T.torch_load(str(path))["args"]["precision"] == "bf16"
     with pytest.raises(ValueError, match="head: checkpoint 'diffusion' vs now 'l2'"):
         train.main(TRAIN_TINY + ["--max_steps", "8", "--output_dir", str(tmp_path), "--resume", str(path),
                                  "--head", "l2"])

@@ -311,7 +311,7 @@ def resolve_defaults(args):
 def checkpoint_args(ckpt):
     """The arguments a checkpoint was trained with (stored resolved), the parser's defaults filling in
     any flag it does not name; a run from before --mask_ratio_law trained with the truncnorm law, one from
-    before --precision in fp32 (on a GPU it was bf16: resume it with --precision bf16)."""
+    before --precision in fp32 on a CPU (on a GPU in bf16: check_resume does not compare what is unknown)."""
     return {**vars(build_parser().parse_args([])), "mask_ratio_law": "truncnorm", "precision": "fp32", **ckpt["args"]}
 
 
@@ -323,6 +323,8 @@ def check_resume(ckpt, run_args, tokenizer_cfg):
                          f"found {found}): pass the checkpoint-last.pth of the run to continue")
     old = checkpoint_args(ckpt)
     keys = MUST_MATCH + (("epochs",) if run_args["lr_schedule"] == "cosine" else ())
+    if "precision" not in ckpt["args"]:   # from before --precision: fp32 on a CPU, bf16 on a GPU; either continues
+        keys = tuple(k for k in keys if k != "precision")
     diff = [f"{k}: checkpoint {old.get(k)!r} vs now {run_args.get(k)!r}" for k in keys if old.get(k) != run_args.get(k)]
     if not same_config(ckpt["tokenizer"], tokenizer_cfg):
         show = lambda cfg: {k: (f"tensor{tuple(v.shape)}" if torch.is_tensor(v) else v) for k, v in cfg.items()}

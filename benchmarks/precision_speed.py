@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mar  # noqa: E402
 import tokenizer as tk  # noqa: E402
 import train  # noqa: E402
+import sample  # noqa: E402
 from sample import autocast, fast_bf16, generate  # noqa: E402
 
 # name -> (what, model, seq_len, token_dim, batch, extra: mask law (train) or CFG scale (sample))
@@ -45,7 +46,7 @@ CASES = {
     "table1_sample": ("sample", "mar_tiny", 49, 16, 250, 1.0),
     "table1_sample_cfg6": ("sample", "mar_tiny", 49, 16, 250, 6.0),
 }
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = sample.PRECISIONS[1:]                  # fp32, bf16
 CPU = torch.device("cpu")
 
 

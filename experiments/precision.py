@@ -33,16 +33,18 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
 import mar  # noqa: E402
+import sample  # noqa: E402
 import tokenizer as tk  # noqa: E402
 import table1  # noqa: E402
 
 # name -> (table1.RUNS run, MAR steps or None (AR: one token per step), CFG scale: the row's Table 1 choice)
 MODELS = {"mar_recipe": ("mar_diffusion_recipe", 16, 6.0), "ar_raster": ("ar_diffusion", None, 3.0)}
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = sample.PRECISIONS[1:]                  # fp32, bf16
 
 
 def training_spec(name, precision):
-    """table1.ensure_trained's (run, extra train.py flags, directory suffix)."""
+    """table1.ensure_trained's (run, extra train.py flags, directory suffix). The flag overrides the --precision
+    fp32 that table1.train_argv passes (argparse keeps the last)."""
     return MODELS[name][0], ("--precision", precision), "_" + precision
 
 

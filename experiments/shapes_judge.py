@@ -103,7 +103,7 @@ def main(argv=None):
     p.add_argument("--cfg_schedule", nargs="+", default=["linear"], choices=mar.CFG_SCHEDULES,
                    help="one or more CFG schedules (sample.py's --cfg_schedule)")
     p.add_argument("--num_sampling_steps", type=int, default=100)
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"),
+    p.add_argument("--precision", nargs="+", choices=sample.PRECISIONS[1:],
                    default=[sample.resolve_precision(sample.SAMPLE_PRECISION, "cpu")],
                    help="one or more sampling precisions (default: sample.py's on this CPU)")
     p.add_argument("--per_class", type=int, default=20, help="samples per class (10 classes)")

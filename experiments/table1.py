@@ -102,7 +102,7 @@ import fid  # noqa: E402
 import mar  # noqa: E402
 import tokenizer as tk  # noqa: E402
 import train  # noqa: E402
-from sample import generate  # noqa: E402
+from sample import PRECISIONS, generate  # noqa: E402
 
 COMMON = ["--data", "fashion_mnist", "--patch_size", "4", "--no-hflip", "--batch_size", "64", "--epochs", "2",
           "--warmup_epochs", "0.2", "--blr", "4e-3", "--seed", "0"]
@@ -259,9 +259,10 @@ def flag_suffix(flags):
 
 
 def run_dir(args, name, suffix=""):
+    """RUNS_DIR/t1_<model>_<head><flags><suffix>, and _bf16 for a --precision bf16 run (another run than fp32's)."""
     model, order, head, flags = RUNS[name]
     return os.path.join(args.runs_dir, f"t1_{model}{'_random' if order == 'random' else ''}_{head}"
-                                       f"{flag_suffix(flags)}{suffix}")
+                                       f"{flag_suffix(flags)}{suffix}{'' if args.precision == 'fp32' else '_bf16'}")
 
 
 def codebook_path(args):
@@ -728,9 +729,9 @@ def get_args(argv=None):
     a("--vq", type=int, default=NUM_CODES, help="K of the VQ codebook (CE rows)")
     a("--seed", type=int, default=0, help="sampling and reference-subset seed")
     a("--max_steps", type=int, default=None, help="cap every training run (smoke tests only: not the protocol)")
-    a("--precision", choices=("fp32", "bf16"), default="fp32",
-      help="train.py's and the sampler's precision. fp32: every table here was measured so; bf16 halves the cost "
-           "on CPUs with bf16 instructions at the same FID (experiments/precision.py): new experiments use it")
+    a("--precision", choices=PRECISIONS[1:], default="fp32",
+      help="train.py's and the sampler's precision (bf16: runs in RUNS_DIR/t1_*_bf16). fp32: every table here "
+           "was measured so; bf16: faster on CPUs with bf16 instructions (experiments/precision.py)")
     args = p.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
     bad = [r for r in args.rows if r not in ROWS and r not in EXTRA_ROWS]

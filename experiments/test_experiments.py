@@ -36,9 +36,9 @@ import fid_speed  # noqa: E402
 import flop_bound  # noqa: E402
 import head_ceiling  # noqa: E402
 import masked_rows  # noqa: E402
+import mar  # noqa: E402
 import precision  # noqa: E402
 import precision_speed  # noqa: E402
-import mar  # noqa: E402
 import recipe  # noqa: E402
 import speed  # noqa: E402
 import table1  # noqa: E402
