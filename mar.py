@@ -185,8 +185,8 @@ def _check_sampling_args(bsz, cfg_schedule, labels, temperature):
         raise ValueError(f"bsz must be >= 1, got {bsz}")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:        # also NaN
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if labels is not None and tuple(labels.shape) != (bsz,):
         raise ValueError(f"labels must have shape ({bsz},), got {tuple(labels.shape)}")
 

@@ -77,8 +77,8 @@ def default_device_type():
 
 def fast_bf16(device_type):
     """Whether the device multiplies bf16 matrices natively, as torch reports it: a CUDA GPU with bf16, or a
-    CPU with AVX512-BF16 or AMX (oneDNN then runs bf16 matrix products at about twice the fp32 rate;
-    on other CPUs bf16 is emulated and slower than fp32). Not the processor's name: a VM may hide flags."""
+    CPU with AVX512-BF16 or AMX (oneDNN runs bf16 matrix products natively there; on other CPUs bf16 is
+    emulated, slower than fp32). Not the processor's name: a VM may hide flags."""
     if device_type == "cuda":                  # native only: pre-Ampere GPUs emulate it
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "cpu":   # torch.cpu's private probes; a torch without them counts as no
@@ -205,6 +205,28 @@ def plan_labels(args, num_classes):
     return torch.tensor(classes).repeat_interleave(n // len(classes))
 
 
+def check_outputs(args):
+    """Every output path is checked, and its directory made, before any image is generated: a bad path
+    found after sampling would lose the whole run's images."""
+    from PIL import Image
+    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {args.out!r}: the grid is an image; name it .png (or another image extension)")
+    if args.npz is not None and not args.npz.endswith(".npz"):
+        raise ValueError(f"--npz {args.npz!r}: name the file with .npz (numpy would write {args.npz}.npz)")
+    files = [(flag, path) for flag, path in (("--out", args.out), ("--npz", args.npz)) if path is not None]
+    dirs = [(flag, os.path.dirname(os.path.abspath(path))) for flag, path in files]
+    for flag, path in files:
+        if os.path.isdir(path):
+            raise ValueError(f"{flag} {path!r} is a directory: name a file inside it")
+    for flag, d in dirs + ([("--png_dir", args.png_dir)] if args.png_dir is not None else []):
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:          # a file where a directory should be, no permission, read-only disk
+            raise ValueError(f"{flag}: cannot make directory {d!r} ({e.strerror}): pass another path") from None
+        if not os.access(d, os.W_OK):
+            raise ValueError(f"{flag}: directory {d!r} is not writable: pass another path")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=os.path.join(DEFAULT_OUTPUT_DIR, "checkpoint-last.pth"),
@@ -241,13 +263,16 @@ def main(argv=None):
     # Guidance mixes the conditional and unconditional noise predictions as u + w (c - u) (diffloss.py):
     # w > 1 guides, 0 <= w < 1 interpolates towards u (w = 0: unconditional), w < 0 points away from
     # the class asked for, which no sampler intends.
-    if not args.cfg >= 0:
-        raise ValueError(f"--cfg must be >= 0, got {args.cfg} (1 = no guidance; the paper uses 2.9-3.2)")
+    if not 0 <= args.cfg < math.inf:             # also NaN
+        raise ValueError(f"--cfg must be a finite number >= 0, got {args.cfg} (1 = no guidance; the paper uses 2.9-3.2)")
+    if args.temperature is not None and not 0 < args.temperature < math.inf:
+        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature} (the paper's: 1.0)")
     if args.ckpt == p.get_default("ckpt") and not os.path.exists(args.ckpt):
         raise FileNotFoundError(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (it writes it), "
                                 "or pass --ckpt FILE")
     if args.out is None:                       # outputs stay with the run they came from
         args.out = os.path.join(os.path.dirname(args.ckpt), "samples.png")
+    check_outputs(args)
 
     rank, world, device = setup_distributed()
     precision = resolve_precision(args.precision, device.type)

@@ -1892,6 +1892,42 @@ def test_train_rejects_impossible_run_lengths(tmp_path):
     assert not (tmp_path / "o").exists()                                      # and nothing was trained or written
 
 
+def test_train_rejects_optimizer_settings_that_would_train_wrongly(tmp_path):
+    """A negative clip norm flips the gradients (clip_grad_norm_ scales them by max_norm / norm), a negative
+    lr or decay inverts the update, an EMA decay outside [0, 1] diverges: refused before any work."""
+    for flag, value, message in (("--grad_clip", "-1", "--grad_clip must be > 0"), ("--grad_clip", "nan", "--grad_clip"),
+                                 ("--blr", "-1", "--blr must be a finite number > 0"), ("--blr", "inf", "--blr"),
+                                 ("--weight_decay", "-5", "--weight_decay must be a finite number >= 0"),
+                                 ("--ema_decay", "2", r"--ema_decay must be in \[0, 1\]"), ("--ema_decay", "-1", "--ema_decay")):
+        with pytest.raises(ValueError, match=message):
+            train.main(TRAIN_TINY + [flag, value, "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    assert train.get_args(["--grad_clip", "inf", "--ema_decay", "0"]).grad_clip == math.inf   # inf: no clipping
+
+
+def test_sample_checks_its_inputs_and_outputs_before_sampling(tmp_path, full_run):
+    """Non-finite --temperature / --cfg would give black images with exit 0; a bad output path found after
+    sampling would lose the images: each is refused first, before the checkpoint is even read (a missing
+    one would be reported otherwise)."""
+    missing = ["--ckpt", str(tmp_path / "none.pth")]
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir.png").mkdir()
+    for flags, message in ((["--temperature", "nan"], "--temperature must be a finite number > 0"),
+                           (["--temperature", "inf"], "--temperature"), (["--cfg", "inf"], "--cfg must be a finite number"),
+                           (["--out", str(tmp_path / "g.txt")], "the grid is an image; name it .png"),
+                           (["--npz", str(tmp_path / "imgs")], "name the file with .npz"),
+                           (["--out", str(tmp_path / "a_file" / "x.png")], "--out: cannot make directory"),
+                           (["--npz", str(tmp_path / "a_file" / "a.npz")], "--npz: cannot make directory"),
+                           (["--png_dir", str(tmp_path / "a_file")], "--png_dir: cannot make directory"),
+                           (["--out", str(tmp_path / "a_dir.png")], "is a directory")):
+        with pytest.raises(ValueError, match=message):
+            sample.main(missing + ["--out", str(tmp_path / "g.png")] + flags)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):       # the library call too
+        tiny("mar_tiny").sample_tokens(2, num_iter=2, temperature=float("nan"))
+    sample_npz(full_run, tmp_path / "new" / "dir", seed=1)        # a directory that does not exist yet is made
+    assert (tmp_path / "new" / "dir" / "s1.npz").exists()
+
+
 # -- precision: bf16 autocast (train.py / sample.py --precision) --------------------------------
 
 def losses_of_a_short_run(precision, steps=12):

@@ -400,8 +400,8 @@ def build_parser():
     a("--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory")
     a("--compile", action="store_true", help="torch.compile the Diffusion Loss MLP (benchmarks/README.md)")
     a("--precision", choices=PRECISIONS, default="auto",
-      help="autocast of the forward pass: auto = bf16 on GPUs and on CPUs with bf16 instructions (about twice "
-           "the fp32 speed there, the same FID: benchmarks/README.md), else fp32")
+      help="autocast of the forward pass: auto = bf16 on GPUs and on CPUs with bf16 instructions (Table 1's models "
+           "train 1.6-1.8x faster there: benchmarks/README.md), else fp32")
     a("--seed", type=int, default=0)
     a("--num_workers", type=int, default=0, help="DataLoader processes (use ~8 for --data folder/latents)")
     a("--output_dir", default=DEFAULT_OUTPUT_DIR)
@@ -423,6 +423,13 @@ def get_args(argv=None):
         raise ValueError(f"--max_steps must be >= 1, got {args.max_steps} (leave it out to run all --epochs)")
     if not args.warmup_epochs >= 0:
         raise ValueError(f"--warmup_epochs must be >= 0, got {args.warmup_epochs}")
+    # The optimizer's numbers: a negative clip norm would flip the gradients, a decay above 1 diverge.
+    for name, ok, want in (("blr", 0 < args.blr < math.inf, "a finite number > 0 (paper: 1e-4)"),
+                           ("grad_clip", 0 < args.grad_clip, "> 0 (paper: 3.0; inf: no clipping)"),
+                           ("weight_decay", 0 <= args.weight_decay < math.inf, "a finite number >= 0 (paper: 0.02)"),
+                           ("ema_decay", 0 <= args.ema_decay <= 1, "in [0, 1] (paper: 0.9999)")):
+        if not ok:
+            raise ValueError(f"--{name} must be {want}, got {getattr(args, name)}")
     if args.head == "ce" and args.vq is None:
         raise ValueError("--head ce is a softmax over discrete codes: add --vq K (e.g. --vq 1024)")
     if args.vq is not None and (args.vq < 2 or args.vae is not None):
