@@ -1626,9 +1626,15 @@ def test_resume_after_max_steps_is_exact(full_run, tmp_path):
     train.main(TRAIN_TINY + ["--max_steps", "4", "--output_dir", str(tmp_path)])
     ckpt = tmp_path / "checkpoint-last.pth"
     assert T.torch_load(ckpt)["step"] == 4
+    metrics = tmp_path / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good.replace('{"step": 2,', '{"step": 2, "lo'))             # a bad line inside: not a crash
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
+        train.main(TRAIN_TINY + ["--max_steps", "8", "--output_dir", str(tmp_path), "--resume", str(ckpt)])
+    metrics.write_text(good + '{"step": 5, "epoch": 0.0')                          # torn by a crash mid-write
     train.main(TRAIN_TINY + ["--max_steps", "8", "--output_dir", str(tmp_path), "--resume", str(ckpt)])
     assert_same_state(T.torch_load(ckpt), T.torch_load(full_run))
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in open(metrics)]
     assert steps == list(range(1, 9))   # the metrics log continues without gaps or repeats
 
 
@@ -1657,6 +1663,21 @@ def test_sigterm_saves_and_resume_is_exact(full_run, tmp_path, monkeypatch, caps
     monkeypatch.undo()
     train.main(TRAIN_TINY + ["--max_steps", "8", "--output_dir", str(tmp_path), "--resume", str(ckpt)])
     assert_same_state(T.torch_load(ckpt), T.torch_load(full_run))
+
+
+def test_sigterm_exits_143_after_saving(tmp_path):
+    """The process of a run stopped by SIGTERM exits 128 + 15 once its checkpoint is saved, so a scheduler
+    tells a preempted run from a finished one (exit 0)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")] + TRAIN_TINY +
+                            ["--max_steps", "100000", "--output_dir", str(tmp_path)], env=TRAIN_ENV, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:                          # the first step's line: the handler is in place
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "stopped by signal" in out and T.torch_load(str(tmp_path / "checkpoint-last.pth"))["step"] >= 1
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -1886,7 +1907,10 @@ def test_train_rejects_impossible_run_lengths(tmp_path):
     for flags, message in ((["--epochs", "0"], "--epochs must be > 0"), (["--epochs", "-1"], "--epochs must be > 0"),
                            (["--max_steps", "0"], "--max_steps must be >= 1"),
                            (["--max_steps", "-2"], "--max_steps must be >= 1"),
-                           (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0")):
+                           (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0"),
+                           (["--epochs", "inf"], "--epochs must be > 0 and finite"),
+                           (["--patch_size", "0"], "--patch_size must be >= 1"), (["--patch_size", "-1"], "--patch_size"),
+                           (["--image_size", "-16"], "--image_size must be >= 1"), (["--image_size", "0"], "--image_size")):
         with pytest.raises(ValueError, match=message):
             train.main(TRAIN_TINY + flags + ["--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()                                      # and nothing was trained or written

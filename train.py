@@ -335,6 +335,21 @@ def check_resume(ckpt, run_args, tokenizer_cfg):
                          "the same run:\n  " + "\n  ".join(diff) + "\n  (shards = world_size * accum_iter)")
 
 
+def metric_rows(path):
+    """The lines of a metrics.jsonl. A last line that is not JSON was torn by a crash mid-write (it is
+    after the checkpoint's step anyway): dropped. A bad line before it is not a crash: an error."""
+    lines = [line for line in open(path) if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                print0(f"{path}: dropping a torn last line (a crash mid-write): {line.strip()[:60]!r}")
+                return lines[:-1]
+            raise ValueError(f"{path} line {i + 1} is not JSON: repair or remove that file to --resume") from None
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
@@ -414,11 +429,11 @@ def build_parser():
 
 def get_args(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "accum_iter", "log_every", "ckpt_every", "diffloss_w"):
+    for name in ("batch_size", "accum_iter", "log_every", "ckpt_every", "diffloss_w", "patch_size", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.epochs > 0:        # also NaN; a run of 0 epochs would still train one step
-        raise ValueError(f"--epochs must be > 0, got {args.epochs} (fractions work: --epochs 0.5)")
+    if not 0 < args.epochs < math.inf:        # also NaN; a run of 0 epochs would still train one step
+        raise ValueError(f"--epochs must be > 0 and finite, got {args.epochs} (fractions work: --epochs 0.5)")
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max_steps must be >= 1, got {args.max_steps} (leave it out to run all --epochs)")
     if not args.warmup_epochs >= 0:
@@ -458,10 +473,11 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    """Train; -> the number of the signal that stopped the run early (its checkpoint saved), else None."""
     args = get_args(argv)
     rank, world, device = setup_distributed()
     try:
-        train(args, rank, world, device)
+        stopped_by = train(args, rank, world, device)
         if world > 1:
             # Leave together: rank 0 is still writing the last checkpoint when the others finish; a rank
             # that tears its gloo connections down meanwhile was seen to abort (SIGABRT, "terminate called
@@ -470,6 +486,7 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return stopped_by
 
 
 def train(args, rank, world, device):
@@ -547,7 +564,7 @@ def train(args, rank, world, device):
         metrics = os.path.join(args.output_dir, "metrics.jsonl")
         rows = []
         if ckpt is not None and os.path.exists(metrics):               # drop what came after the checkpoint
-            rows = [r for r in open(metrics) if json.loads(r)["step"] <= step]
+            rows = [r for r in metric_rows(metrics) if json.loads(r)["step"] <= step]
         with open(metrics, "w") as f:
             f.writelines(rows)
     n_params = sum(p.numel() for p in model.parameters())
@@ -666,11 +683,14 @@ def train(args, rank, world, device):
         for s, h in old_handlers.items():
             signal.signal(s, h)
     print0(f"done: step {step}, {time.time() - t_start:.0f} s; checkpoint {ckpt_path}")
+    return stop["signal"]
 
 
 if __name__ == "__main__":
     try:
-        main()
+        signum = main()
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         # bad input (or a stopped run): the message says what to fix; a traceback would bury it
         raise SystemExit(f"train.py: error: {e}")
+    if signum is not None:   # stopped by SIGTERM / Ctrl-C, checkpoint saved: not finished, as a scheduler must see
+        raise SystemExit(128 + signum)
