@@ -2137,6 +2137,38 @@ def test_resume_refuses_other_settings_and_overwrite(tmp_path, full_run):
         train.main(TRAIN_TINY + ["--seed", "1", "--resume", str(full_run), "--output_dir", str(tmp_path)])
     with pytest.raises(FileExistsError, match="--resume"):
         train.main(TRAIN_TINY + ["--output_dir", str(full_run.parent)])
+    # resuming run A into run B's directory would overwrite B's checkpoint
+    train.main(TRAIN_TINY + ["--max_steps", "1", "--output_dir", str(tmp_path / "b")])
+    before = (tmp_path / "b" / "checkpoint-last.pth").read_bytes()
+    with pytest.raises(FileExistsError, match="holds another run's checkpoint"):
+        train.main(TRAIN_TINY + ["--max_steps", "9", "--resume", str(full_run), "--output_dir", str(tmp_path / "b")])
+    assert (tmp_path / "b" / "checkpoint-last.pth").read_bytes() == before
+    assert not (tmp_path / "b" / "train.lock").exists()                     # released on every exit
+
+
+def test_one_train_py_per_output_dir(tmp_path):
+    """A second train.py into a directory a running one writes to stops at once with one line; a lock left by
+    a process that is gone is taken over."""
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")] + TRAIN_TINY +
+                             ["--max_steps", "100000", "--output_dir", str(tmp_path / "run")], env=TRAIN_ENV,
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("step "):
+                break
+        second = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--output_dir", str(tmp_path / "run")],
+                                env=TRAIN_ENV, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr
+        assert f"is in use by another train.py (pid {first.pid})" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert not (tmp_path / "run" / "train.lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / "train.lock").write_text(dead.stdout.strip())         # a pid that has exited
+    assert train.lock_output_dir(str(tmp_path / "stale")) == str(tmp_path / "stale" / "train.lock")
+    assert (tmp_path / "stale" / "train.lock").read_text() == str(os.getpid())
 
 
 def bad_checkpoints(tmp_path):

@@ -472,10 +472,45 @@ def get_args(argv=None):
     return args
 
 
+def lock_output_dir(output_dir):
+    """One run per output directory: OUTPUT_DIR/train.lock holds the pid of the train.py writing there (two
+    would interleave metrics.jsonl and overwrite each other's checkpoints). The lock of a process that is
+    gone (killed, machine restarted) is taken over. -> the lock's path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "train.lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return path
+        except FileExistsError:
+            pass
+        try:
+            text = open(path).read().strip()
+            if not text and time.time() - os.path.getmtime(path) < 10:
+                pid = "being started"                  # its owner has not written its pid yet
+            else:
+                pid = int(text)
+                with contextlib.suppress(PermissionError):   # another user's process: alive
+                    os.kill(pid, 0)                    # ProcessLookupError if there is no such process
+            raise FileExistsError(f"--output_dir {output_dir} is in use by another train.py (pid {pid}): wait for it "
+                                  f"or pick another directory (if no train.py runs there, delete {path})")
+        except (ProcessLookupError, ValueError):
+            pass                                       # its process is gone: take the lock over
+        except FileNotFoundError:
+            continue                                   # released meanwhile
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
 def main(argv=None):
     """Train; -> the number of the signal that stopped the run early (its checkpoint saved), else None."""
     args = get_args(argv)
     rank, world, device = setup_distributed()
+    lock = lock_output_dir(args.output_dir) if rank == 0 else None
     try:
         stopped_by = train(args, rank, world, device)
         if world > 1:
@@ -484,6 +519,9 @@ def main(argv=None):
             # without an active exception") in CI, and torchrun then fails the whole job.
             dist.barrier()
     finally:
+        if lock is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
         if dist.is_initialized():
             dist.destroy_process_group()
     return stopped_by
@@ -497,6 +535,10 @@ def train(args, rank, world, device):
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
     if args.resume is None and os.path.exists(ckpt_path):
         raise FileExistsError(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or pick a new --output_dir")
+    if args.resume is not None and os.path.exists(ckpt_path) and not os.path.samefile(args.resume, ckpt_path):
+        raise FileExistsError(f"--output_dir {args.output_dir} holds another run's checkpoint, which --resume "
+                              f"{args.resume} would overwrite: pass --output_dir {os.path.dirname(args.resume) or '.'} "
+                              "(the run's own) or an empty one")
 
     dataset = load_data(args)
     tokenizer = make_tokenizer(args, dataset).to(device)
