@@ -1069,6 +1069,11 @@ def test_image_folder_and_errors(tmp_path):
     assert [p for p, _ in ds.samples] == paths
     with pytest.raises(FileNotFoundError, match="missing_dir"):
         T.ImageFolder(str(tmp_path / "missing_dir"), 32)
+    (tmp_path / "data" / ".ipynb_checkpoints").mkdir()          # hidden: not a class, labels unchanged
+    assert T.ImageFolder(str(tmp_path / "data"), 32).classes == ["cat", "dog"]
+    (tmp_path / "data" / "ant").mkdir()                         # empty: would shift cat and dog to 1 and 2
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['ant'\] .* hold no readable images"):
+        T.ImageFolder(str(tmp_path / "data"), 32)
 
 
 def test_corrupt_image_reported_and_skipped(tmp_path, capsys):
@@ -1186,6 +1191,14 @@ def test_array_dataset():
         T.ArrayDataset(rgb.astype(np.float32))
     with pytest.raises(ValueError, match="labels"):
         T.ArrayDataset(rgb, [0, 1])
+    for labels, message in (([0, 10**6, 0, 1], "map them to class indices 0..K-1"), ([0.0, 1.7, 2.0, 1.0], "integer"),
+                            ([0, -1, 1, 2], ">= 0"), ([[0], [1], [2], [1]], "1-D")):
+        with pytest.raises(ValueError, match=message):
+            T.ArrayDataset(rgb, labels)
+    with pytest.raises(ValueError, match="< num_classes = 2"):
+        T.ArrayDataset(rgb, [0, 1, 2, 1], num_classes=2)
+    with pytest.raises(ValueError, match="no images"):
+        T.ArrayDataset(rgb[:0], [])
 
 # ==============================================================================================
 # FID and Inception Score (fid.py)

@@ -624,7 +624,8 @@ class ImageFolder(torch.utils.data.Dataset):
         from PIL import Image
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root!r} (expected root/<class name>/<image files>)")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        # Hidden folders (.ipynb_checkpoints, .git) are not classes: as one they would shift every label.
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d[0] != ".")
         if not self.classes:
             raise ValueError(f"no class subfolders in {root!r} (expected root/<class name>/<image files>)")
         self.image_size, self.channels, self.num_classes = image_size, 3, len(self.classes)
@@ -646,6 +647,10 @@ class ImageFolder(torch.utils.data.Dataset):
             print(f"ImageFolder: skipped {len(self.skipped)} unreadable file(s); kept {len(self.samples)}")
         if not self.samples:
             raise ValueError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+        empty = sorted(set(self.classes) - {self.classes[label] for _, label in self.samples})
+        if empty:    # it would still take a class index: the labels would not be what the user counts
+            raise ValueError(f"class folder(s) {empty} under {root!r} hold no readable images: remove them or add "
+                             "images (each folder is a class)")
 
     def __len__(self):
         return len(self.samples)
@@ -663,6 +668,24 @@ class ImageFolder(torch.utils.data.Dataset):
         raise RuntimeError("ImageFolder: none of the images could be decoded")
 
 
+def check_labels(labels, num_classes=None):
+    """Labels as class indices -> (N,) long: integers in [0, num_classes), num_classes = max + 1 when not
+    given. Label ids that leave most of 0..max unused ({0, 10^6}) would build a class table of a million
+    rows for two classes: refused, as are floats (truncating 2.7 to 2 is not a class) and negatives."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D array of integer class indices, got {labels.dtype} {labels.shape}")
+    if len(labels) and labels.min() < 0:
+        raise ValueError(f"labels must be class indices >= 0, got {labels.min()}")
+    top = int(labels.max()) + 1 if len(labels) else 0
+    if num_classes is not None and top > num_classes:
+        raise ValueError(f"labels must be < num_classes = {num_classes}, got {top - 1}")
+    if num_classes is None and top > 2 * len(np.unique(labels)):
+        raise ValueError(f"labels use {len(np.unique(labels))} distinct values but reach {top - 1}: map them to "
+                         "class indices 0..K-1 first")
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
 class ArrayDataset(torch.utils.data.Dataset):
     """Images already in memory: uint8 (N, H, W, C) or (N, H, W) (grayscale), square; labels (N,) or None."""
 
@@ -671,8 +694,10 @@ class ArrayDataset(torch.utils.data.Dataset):
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[1] != images.shape[2]:
             raise ValueError(f"ArrayDataset expects square uint8 images (N, H, W[, C]), got {images.dtype} "
                              f"{images.shape}")
+        if len(images) == 0:
+            raise ValueError("ArrayDataset: no images (the array is empty)")
         self.images = torch.tensor(images if images.ndim == 4 else images[..., None])  # (N, S, S, C), a copy
-        self.labels = torch.zeros(len(images), dtype=torch.long) if labels is None else torch.as_tensor(labels).long()
+        self.labels = torch.zeros(len(images), dtype=torch.long) if labels is None else check_labels(labels, num_classes)
         if len(self.labels) != len(self.images):
             raise ValueError(f"ArrayDataset: {len(self.images)} images but {len(self.labels)} labels")
         self.image_size, self.channels = self.images.shape[1], self.images.shape[3]
