@@ -323,7 +323,10 @@ def load_inception(weights_path, device="cpu"):
 def psd_factor(s):
     """A (D, r) with A A^T = S for a symmetric PSD S, dropping round-off eigenvalues (numerical rank r)."""
     w, v = np.linalg.eigh((s + s.T) / 2)
-    keep = w > w.max() * len(w) * np.finfo(np.float64).eps  # numpy's matrix_rank tolerance
+    tol = max(w.max(), 0) * len(w) * np.finfo(np.float64).eps  # numpy's matrix_rank tolerance
+    if w.min() < -1e3 * tol - 1e-12:   # beyond round-off: not a covariance, and the FID would be a number anyway
+        raise ValueError(f"sigma is not a covariance (eigenvalue {w.min():.3g} < 0): recompute the statistics")
+    keep = w > tol
     return v[:, keep] * np.sqrt(w[keep])
 
 
@@ -349,6 +352,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, "
                          f"sigma {sigma1.shape} / {sigma2.shape} (expected (D,) and (D, D))")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("statistics hold NaN or inf (a broken statistics file or features): recompute them")
+    for s in (sigma1, sigma2):
+        if not np.allclose(s, s.T, rtol=1e-6, atol=1e-12 * max(1.0, np.abs(s).max())):
+            raise ValueError("sigma is not symmetric, so not a covariance: recompute the statistics")
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
@@ -394,7 +402,11 @@ def _check_images(a, where):
 
 def _iter_npz(path, batch_size):
     """Stream `arr_0` of an .npz in batches, so a 50,000-image file never sits in memory at once."""
-    with zipfile.ZipFile(path) as zf:
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path}: not a readable .npz (truncated or not a zip file): write it again") from None
+    with zf:
         if "arr_0.npy" not in zf.namelist():
             raise ValueError(f"{path}: no images under 'arr_0' (arrays: {[n[:-4] for n in zf.namelist()]}); "
                              "a statistics file (mu, sigma) can only be used as a whole, not as images")
@@ -418,10 +430,19 @@ def _iter_folder(path, batch_size):
                    if n.lower().endswith((".png", ".jpg", ".jpeg")))
     if not files:
         raise ValueError(f"{path}: no .png/.jpg/.jpeg images found")
+    def read(f):
+        try:
+            return np.asarray(Image.open(f).convert("RGB"))        # gray -> RGB
+        except Exception as e:    # Pillow raises several types (UnidentifiedImageError, OSError, ...)
+            raise ValueError(f"{f}: not a readable image ({type(e).__name__}): remove or replace it") from None
+
+    shape = None                  # every image's, not only within a batch: one size for the whole set
     for i in range(0, len(files), batch_size):
-        batch = [np.asarray(Image.open(f).convert("RGB")) for f in files[i:i + batch_size]]  # gray -> RGB
-        if any(b.shape != batch[0].shape for b in batch):
-            raise ValueError(f"{path}: images have different sizes ({files[i]} is {batch[0].shape}); "
+        batch = [read(f) for f in files[i:i + batch_size]]
+        shape = shape or (files[i], batch[0].shape)
+        bad = next((f for f, b in zip(files[i:i + batch_size], batch) if b.shape != shape[1]), None)
+        if bad is not None:
+            raise ValueError(f"{path}: images have different sizes ({shape[0]} is {shape[1]}, {bad} is not); "
                              "resize or center-crop them to one size first")
         yield np.stack(batch)  # (B, H, W, 3)
 
@@ -488,8 +509,11 @@ def feature_statistics(features):
 def is_statistics_file(path):
     if not (isinstance(path, (str, os.PathLike)) and str(path).endswith(".npz") and os.path.isfile(path)):
         return False
-    with np.load(path) as f:
-        return "mu" in f.files and "sigma" in f.files
+    try:
+        with np.load(path) as f:
+            return "mu" in f.files and "sigma" in f.files
+    except (zipfile.BadZipFile, ValueError, OSError):
+        return False              # not a readable .npz: reading it as images says so
 
 
 def load_statistics(path):
@@ -553,6 +577,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--save_stats", help="write mu/sigma of SAMPLES to this .npz (reference statistics for your own data)")
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch sees no CUDA GPU; use --device cpu")
     try:
         r = evaluate(args.samples, args.ref, args.inception, args.batch_size, args.device, args.save_stats)
     except (FileNotFoundError, ValueError) as e:  # bad inputs: the message says what to fix

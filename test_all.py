@@ -1516,6 +1516,35 @@ def test_bad_image_inputs(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ValueError, match="no .png"):
         list(fid.iter_images(str(tmp_path / "empty")))
+    np.savez(tmp_path / "good.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:100])     # truncated mid-write
+    assert not fid.is_statistics_file(str(tmp_path / "cut.npz"))
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        list(fid.iter_images(str(tmp_path / "cut.npz")))
+    os.makedirs(tmp_path / "mixed")
+    write_png(tmp_path / "mixed" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    write_png(tmp_path / "mixed" / "b.png", np.zeros((9, 9, 3), np.uint8))
+    with pytest.raises(ValueError, match="different sizes"):                     # also one image per batch
+        list(fid.iter_images(str(tmp_path / "mixed"), batch_size=1))
+    os.remove(tmp_path / "mixed" / "b.png")
+    (tmp_path / "mixed" / "c.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="c.png: not a readable image"):
+        list(fid.iter_images(str(tmp_path / "mixed")))
+
+
+def test_fid_refuses_statistics_that_are_not_gaussian_statistics(monkeypatch, tmp_path):
+    """NaN, a negative eigenvalue or an asymmetric sigma give a number (or nan) with exit 0 otherwise."""
+    rng = np.random.default_rng(0)
+    mu, sigma = fid.feature_statistics(rng.standard_normal((50, 6)))
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-9)
+    for bad, message in ((np.full_like(sigma, np.nan), "NaN or inf"), (sigma - 5 * np.eye(6), "not a covariance"),
+                         (sigma + np.triu(np.ones((6, 6)), 1), "not symmetric")):
+        with pytest.raises(ValueError, match=message):
+            fid.frechet_distance(mu, sigma, mu, bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["fid.py", str(tmp_path / "x.npz"), "--device", "cuda"])
+    with pytest.raises(SystemExit):                                      # argparse's one line, before any work
+        fid.main()
 
 
 def test_statistics_files_and_evaluate(tmp_path):
