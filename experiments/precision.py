@@ -70,26 +70,25 @@ def measure(args, t1, ev, name, train_precision, path):
 def write_table(args):
     records = [r for r in table1.read_records(args.out) if r["n"] == args.num]
     lines = [f"FID of {args.num} samples vs the training-set reference (temperature 1.0, each row's Table 1 CFG "
-             "scale; lower is better) and sampling seconds per image, by the precision of training (rows) and of "
-             "sampling (columns). Written by experiments/precision.py from experiments/precision.jsonl.", "",
-             "| model | CFG | trained in | FID, sampled in fp32 | FID, sampled in bf16 | s / image fp32 | "
-             "s / image bf16 |", "|---|---|---|---|---|---|---|"]
+             "scale; lower is better), by the precision of training (rows) and of sampling (columns). Written by "
+             "experiments/precision.py from experiments/precision.jsonl.", "",
+             "| model | CFG | trained in | FID, sampled in fp32 | FID, sampled in bf16 | weights |",
+             "|---|---|---|---|---|---|"]
     for name, (run, num_iter, cfg) in MODELS.items():
         for tp in PRECISIONS:
             mine = table1.find(records, model=name, train_precision=tp)
             key = table1.latest_key(mine)                        # the latest weights measured
             if key is None:
-                lines.append(f"| {name} | {cfg:g} | {tp} | not measured yet | - | - | - |")
+                lines.append(f"| {name} | {cfg:g} | {tp} | not measured yet | - | - |")
                 continue
             by = {r["precision"]: r for r in table1.find(mine, **key)}
-            cell = lambda p, f, digits=2: table1.fmt(by[p][f], digits) if p in by else "-"
-            lines.append(f"| {name} | {cfg:g} | {tp} | {cell('fp32', 'fid')} | {cell('bf16', 'fid')} | "
-                         f"{cell('fp32', 's_per_image', 3)} | {cell('bf16', 's_per_image', 3)} |")
+            cell = lambda p: table1.fmt(by[p]["fid"]) if p in by else "-"
+            lines.append(f"| {name} | {cfg:g} | {tp} | {cell('fp32')} | {cell('bf16')} | {key['weights_sha']} |")
     first = records[:1]
     if first:
         lines += ["", f"Sampling: batch {first[0]['batch']}, {first[0]['threads']} thread(s), torch "
-                      f"{first[0]['torch']}, other jobs on the machine (the speed-up is measured in "
-                      "benchmarks/README.md)."]
+                      f"{first[0]['torch']}. The speed of each precision is measured in benchmarks/README.md "
+                      "(precision_speed.py), not here: these runs shared the machine."]
     tmp = f"{args.table}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
