@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import load_state_dict_strict, torch_load
+from tokenizer import load_state_dict_strict, to_rgb8, torch_load
 
 INCEPTION_SIZE = 299  # input resolution of the TF graph
 NO_CLASSIFIER = ("Inception Score needs the Inception classifier (fc.weight), which this weights file "
@@ -432,7 +432,8 @@ def _iter_folder(path, batch_size):
         raise ValueError(f"{path}: no .png/.jpg/.jpeg images found")
     def read(f):
         try:
-            return np.asarray(Image.open(f).convert("RGB"))        # gray -> RGB
+            with Image.open(f) as im:
+                return np.asarray(to_rgb8(im))                      # gray and 16-bit -> 8-bit RGB
         except Exception as e:    # Pillow raises several types (UnidentifiedImageError, OSError, ...)
             raise ValueError(f"{f}: not a readable image ({type(e).__name__}): remove or replace it") from None
 

@@ -1076,6 +1076,20 @@ def test_image_folder_and_errors(tmp_path):
         T.ImageFolder(str(tmp_path / "data"), 32)
 
 
+def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG (0..65535) is read as value >> 8, by the training loader and by fid.py; Pillow's
+    own convert("RGB") would clip it, turning 99% of this gradient white."""
+    from PIL import Image
+    gradient = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)          # 0 .. 65520
+    os.makedirs(tmp_path / "data" / "a")
+    Image.fromarray(gradient).save(tmp_path / "data" / "a" / "x.png")
+    want = (gradient >> 8).astype(np.uint8)
+    got = next(fid.iter_images(str(tmp_path / "data")))[0]                           # (64, 64, 3)
+    assert np.array_equal(got[..., 0], want) and np.array_equal(got[..., 2], want)
+    x, _ = T.ImageFolder(str(tmp_path / "data"), 64)[0]                              # (3, 64, 64) in [-1, 1]
+    assert torch.equal(((x[0] + 1) * 127.5).round().to(torch.uint8), torch.from_numpy(want))
+
+
 def test_corrupt_image_reported_and_skipped(tmp_path, capsys):
     from PIL import Image
     root = str(tmp_path / "data")
@@ -1958,6 +1972,13 @@ def test_train_rejects_impossible_run_lengths(tmp_path):
     assert not (tmp_path / "o").exists()                                      # and nothing was trained or written
 
 
+def test_train_rejects_flags_it_would_ignore():
+    with pytest.raises(ValueError, match="--data builtin draws its shapes in code"):
+        train.get_args(["--data_path", "somewhere"])
+    with pytest.raises(ValueError, match="cached latents fix the image size"):
+        train.get_args(["--data", "latents", "--data_path", "cache", "--vae", "kl16.ckpt", "--image_size", "256"])
+
+
 def test_train_rejects_optimizer_settings_that_would_train_wrongly(tmp_path):
     """A negative clip norm flips the gradients (clip_grad_norm_ scales them by max_norm / norm), a negative
     lr or decay inverts the update, an EMA decay outside [0, 1] diverges: refused before any work."""
@@ -2177,6 +2198,15 @@ def test_missing_checkpoints(tmp_path):
 def test_resume_refuses_other_settings_and_overwrite(tmp_path, full_run):
     with pytest.raises(ValueError, match="seed: checkpoint 0 vs now 1"):
         train.main(TRAIN_TINY + ["--seed", "1", "--resume", str(full_run), "--output_dir", str(tmp_path)])
+    # another data set size changes the steps of every epoch-based setting: not the same run
+    rng = np.random.default_rng(0)
+    for n in (40, 80):
+        np.savez(tmp_path / f"d{n}.npz", images=rng.integers(0, 256, (n, 8, 8), dtype=np.uint8), labels=np.arange(n) % 2)
+    array = lambda n: ["--data", "array", "--data_path", str(tmp_path / f"d{n}.npz")]
+    train.main(TRAIN_TINY + array(40) + ["--max_steps", "1", "--output_dir", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="data_size: checkpoint 40 vs now 80"):
+        train.main(TRAIN_TINY + array(80) + ["--max_steps", "2", "--output_dir", str(tmp_path / "a"),
+                                             "--resume", str(tmp_path / "a" / "checkpoint-last.pth")])
     with pytest.raises(FileExistsError, match="--resume"):
         train.main(TRAIN_TINY + ["--output_dir", str(full_run.parent)])
     # resuming run A into run B's directory would overwrite B's checkpoint

@@ -607,6 +607,15 @@ def center_crop_adm(pil_image, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
+def to_rgb8(im):
+    """A PIL image -> RGB, 8 bits per channel. 16-bit grayscale (PNG modes "I;16" / "I") is scaled by 1/256:
+    Pillow's convert("RGB") would clip every value above 255, turning almost the whole image white."""
+    from PIL import Image
+    if im.mode.startswith("I;16") or im.mode == "I":
+        im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def _to_tensor(arr):
     """uint8 (H, W, C) -> float (C, H, W) in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1.0
@@ -661,7 +670,7 @@ class ImageFolder(torch.utils.data.Dataset):
             path, label = self.samples[(i + j) % len(self.samples)]
             try:
                 with Image.open(path) as im:
-                    return _to_tensor(center_crop_adm(im.convert("RGB"), self.image_size)), label
+                    return _to_tensor(center_crop_adm(to_rgb8(im), self.image_size)), label
             except Exception as e:  # counted in .skipped of this process (DataLoader workers only print)
                 self.skipped.append((path, f"{type(e).__name__}: {e}"))
                 print(f"ImageFolder: cannot decode {path} ({type(e).__name__}: {e}); using the next image")

@@ -325,6 +325,8 @@ def check_resume(ckpt, run_args, tokenizer_cfg):
     keys = MUST_MATCH + (("epochs",) if run_args["lr_schedule"] == "cosine" else ())
     if "precision" not in ckpt["args"]:   # from before --precision: fp32 on a CPU, bf16 on a GPU; either continues
         keys = tuple(k for k in keys if k != "precision")
+    if "data_size" in ckpt["args"]:       # another data set (or size) changes every epoch-based step count
+        keys += ("data_size",)
     diff = [f"{k}: checkpoint {old.get(k)!r} vs now {run_args.get(k)!r}" for k in keys if old.get(k) != run_args.get(k)]
     if not same_config(ckpt["tokenizer"], tokenizer_cfg):
         show = lambda cfg: {k: (f"tensor{tuple(v.shape)}" if torch.is_tensor(v) else v) for k, v in cfg.items()}
@@ -462,6 +464,11 @@ def get_args(argv=None):
         if depth is not None and (args.model.startswith("ar_") or depth < 1):
             raise ValueError(f"--{flag} {depth}: needs a mar_* model (ar_* models have one stack of blocks) "
                              "and a value >= 1")
+    # A flag that would be ignored is an error: the checkpoint's arguments must say what the run used.
+    if args.data == "builtin" and args.data_path is not None:
+        raise ValueError("--data_path is for the other --data sources; --data builtin draws its shapes in code")
+    if args.data == "latents" and args.image_size is not None:
+        raise ValueError("--image_size: cached latents fix the image size (the latents' size x the VAE's factor); drop it")
     if args.order is not None and not args.model.startswith("ar_"):
         raise ValueError(f"--order is for the causal ar_* models; {args.model} always generates in random order")
     resolve_defaults(vars(args))
@@ -541,6 +548,7 @@ def train(args, rank, world, device):
                               "(the run's own) or an empty one")
 
     dataset = load_data(args)
+    run_args["data_size"] = len(dataset)          # the schedule's steps per epoch: a resume must see the same
     tokenizer = make_tokenizer(args, dataset).to(device)
     ckpt = tk.torch_load(args.resume) if args.resume else None
     if ckpt is not None:
