@@ -266,9 +266,17 @@ MUST_MATCH = ("model", "data", "image_size", "patch_size", "hflip", "seed", "bat
 
 
 def save_checkpoint(path, state):
-    """Atomic: a crash mid-write leaves the previous file intact (write a temp file, then rename)."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Atomic: a crash or a failed write (full disk, read-only directory) leaves the previous file intact
+    (write a temp file, then rename); a failed write stops the run with one line."""
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:      # torch reports a full disk as RuntimeError("... file write failed")
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        kept = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise OSError(f"cannot write {path} ({str(e).splitlines()[0]}): {kept}; free disk space or pass another "
+                      "--output_dir, then --resume") from None
 
 
 def same_config(a, b):
@@ -483,7 +491,10 @@ def lock_output_dir(output_dir):
     """One run per output directory: OUTPUT_DIR/train.lock holds the pid of the train.py writing there (two
     would interleave metrics.jsonl and overwrite each other's checkpoints). The lock of a process that is
     gone (killed, machine restarted) is taken over. -> the lock's path."""
-    os.makedirs(output_dir, exist_ok=True)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:                      # a file in the way, no permission
+        raise ValueError(f"--output_dir {output_dir}: cannot make the directory ({e.strerror})") from None
     path = os.path.join(output_dir, "train.lock")
     while True:
         try:
@@ -739,8 +750,8 @@ def train(args, rank, world, device):
 if __name__ == "__main__":
     try:
         signum = main()
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-        # bad input (or a stopped run): the message says what to fix; a traceback would bury it
+    except (ValueError, OSError, FloatingPointError) as e:
+        # bad input, a failed write or a stopped run: the message says what to fix; a traceback would bury it
         raise SystemExit(f"train.py: error: {e}")
     if signum is not None:   # stopped by SIGTERM / Ctrl-C, checkpoint saved: not finished, as a scheduler must see
         raise SystemExit(128 + signum)
