@@ -407,6 +407,9 @@ def _iter_npz(path, batch_size):
     except zipfile.BadZipFile:
         raise ValueError(f"{path}: not a readable .npz (truncated or not a zip file): write it again") from None
     with zf:
+        if len({"mu.npy", "sigma.npy"} & set(zf.namelist())) == 1:
+            raise ValueError(f"{path}: a statistics file needs both 'mu' and 'sigma' (arrays: "
+                             f"{[n[:-4] for n in zf.namelist()]}): compute it again with --save_stats")
         if "arr_0.npy" not in zf.namelist():
             raise ValueError(f"{path}: no images under 'arr_0' (arrays: {[n[:-4] for n in zf.namelist()]}); "
                              "a statistics file (mu, sigma) can only be used as a whole, not as images")

@@ -1530,6 +1530,9 @@ def test_bad_image_inputs(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ValueError, match="no .png"):
         list(fid.iter_images(str(tmp_path / "empty")))
+    np.savez(tmp_path / "mu_only.npz", mu=np.zeros(3))
+    with pytest.raises(ValueError, match="needs both 'mu' and 'sigma'"):
+        list(fid.iter_images(str(tmp_path / "mu_only.npz")))
     np.savez(tmp_path / "good.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     (tmp_path / "cut.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:100])     # truncated mid-write
     assert not fid.is_statistics_file(str(tmp_path / "cut.npz"))
@@ -1994,6 +1997,14 @@ def test_train_rejects_impossible_run_lengths(tmp_path):
         with pytest.raises(ValueError, match=message):
             train.main(TRAIN_TINY + flags + ["--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()                                      # and nothing was trained or written
+
+
+def test_train_names_the_real_cause(tmp_path):
+    (tmp_path / "notes.npz").write_text("not an array file\n")
+    with pytest.raises(ValueError, match="is not a numpy .npz / .npy file"):
+        train.load_array_file(str(tmp_path / "notes.npz"))
+    with pytest.raises(ValueError, match=r"--seed must be in \[0, 2\^63\)"):
+        train.get_args(["--seed", str(10**20)])
 
 
 def test_train_rejects_flags_it_would_ignore():

@@ -164,6 +164,10 @@ class Flippable(torch.utils.data.Dataset):
 
 def load_array_file(path):
     """.npz (images under 'images' or 'arr_0', optional 'labels') or .npy (images, unlabelled)."""
+    with open(path, "rb") as f:               # numpy's own error for a text file blames "pickled data"
+        magic = f.read(6)
+    if not (path.endswith(".npz") and magic[:4] == b"PK\x03\x04") and not (path.endswith(".npy") and magic == b"\x93NUMPY"):
+        raise ValueError(f"--data_path {path!r} is not a numpy .npz / .npy file (np.savez / np.save write them)")
     data = np.load(path)
     if path.endswith(".npy"):
         return tk.ArrayDataset(data)
@@ -442,6 +446,8 @@ def get_args(argv=None):
     for name in ("batch_size", "accum_iter", "log_every", "ckpt_every", "diffloss_w", "patch_size", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**63:            # torch's generators take 64-bit seeds
+        raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
     if not 0 < args.epochs < math.inf:        # also NaN; a run of 0 epochs would still train one step
         raise ValueError(f"--epochs must be > 0 and finite, got {args.epochs} (fractions work: --epochs 0.5)")
     if args.max_steps is not None and args.max_steps < 1:
