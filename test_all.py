@@ -1748,6 +1748,30 @@ def test_failed_checkpoint_write_keeps_the_last_one(tmp_path, monkeypatch):
         train.main(TRAIN_TINY + ["--output_dir", str(tmp_path / "f" / "run")])
 
 
+def test_failed_checkpoint_write_keeps_the_last_one(tmp_path, monkeypatch):
+    """A full disk (torch.save raises RuntimeError "file write failed") at the second checkpoint: the run
+    stops with one line, the first checkpoint is intact and resumable, no temp file is left. --output_dir
+    under a file is refused with one line."""
+    real_save, calls = torch.save, []
+
+    def full_disk_on_second_call(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            open(path, "wb").write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(train.torch, "save", full_disk_on_second_call)
+    with pytest.raises(OSError, match="file write failed.*the previous checkpoint is intact; free disk space"):
+        train.main(TRAIN_TINY + ["--max_steps", "4", "--ckpt_every", "2", "--output_dir", str(tmp_path / "o")])
+    monkeypatch.undo()
+    assert T.torch_load(str(tmp_path / "o" / "checkpoint-last.pth"))["step"] == 2
+    assert not (tmp_path / "o" / "checkpoint-last.pth.tmp").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="cannot make the directory"):
+        train.main(TRAIN_TINY + ["--output_dir", str(tmp_path / "f" / "run")])
+
+
 def test_sigterm_exits_143_after_saving(tmp_path):
     """The process of a run stopped by SIGTERM exits 128 + 15 once its checkpoint is saved, so a scheduler
     tells a preempted run from a finished one (exit 0)."""
@@ -2253,9 +2277,10 @@ def test_resume_refuses_other_settings_and_overwrite(tmp_path, full_run):
     assert not (tmp_path / "b" / "train.lock").exists()                     # released on every exit
 
 
-def test_one_train_py_per_output_dir(tmp_path):
-    """A second train.py into a directory a running one writes to stops at once with one line; a lock left by
-    a process that is gone is taken over."""
+def test_one_train_py_per_output_dir_and_sigterm_exit_code(tmp_path):
+    """A second train.py into a directory a running one writes to stops at once with one line; the first,
+    stopped by SIGTERM, saves and exits 128 + 15 (a scheduler tells a preempted run from a finished one,
+    exit 0) and releases its lock; a lock left by a process that is gone is taken over."""
     first = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")] + TRAIN_TINY +
                              ["--max_steps", "100000", "--output_dir", str(tmp_path / "run")], env=TRAIN_ENV,
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -2269,7 +2294,9 @@ def test_one_train_py_per_output_dir(tmp_path):
         assert f"is in use by another train.py (pid {first.pid})" in second.stderr
     finally:
         first.send_signal(signal.SIGTERM)
-        first.communicate(timeout=120)
+        out = first.communicate(timeout=120)[0]
+    assert first.returncode == 128 + signal.SIGTERM, out
+    assert "stopped by signal" in out and T.torch_load(str(tmp_path / "run" / "checkpoint-last.pth"))["step"] >= 1
     assert not (tmp_path / "run" / "train.lock").exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "stale").mkdir()
