@@ -1871,7 +1871,7 @@ def test_sample_torchrun_gathers_the_same_images(full_run, tmp_path):
 
 def test_sample_flags_cfg_and_labels(tmp_path, full_run):
     common = ["--ckpt", str(full_run), "--num_images", "10", "--num_iter", "2", "--num_sampling_steps", "2"]
-    with pytest.raises(ValueError, match=r"--cfg must be >= 0, got -1.0"):
+    with pytest.raises(ValueError, match=r"--cfg must be a finite number >= 0, got -1.0"):
         sample.main(common + ["--cfg", "-1", "--out", str(tmp_path / "x.png")])
     with pytest.raises(ValueError, match=r"--labels 'abc': expected comma-separated class indices"):
         sample.main(common + ["--labels", "abc", "--out", str(tmp_path / "x.png")])
