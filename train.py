@@ -493,41 +493,46 @@ def get_args(argv=None):
     return args
 
 
-def lock_output_dir(output_dir):
-    """One run per output directory: OUTPUT_DIR/train.lock holds the pid of the train.py writing there (two
-    would interleave metrics.jsonl and overwrite each other's checkpoints). The lock of a process that is
-    gone (killed, machine restarted) is taken over. -> the lock's path."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:                      # a file in the way, no permission
-        raise ValueError(f"--output_dir {output_dir}: cannot make the directory ({e.strerror})") from None
-    path = os.path.join(output_dir, "train.lock")
+def take_lock(path):
+    """Create the lock file `path` holding our pid; False if a running process holds it. The lock of a process
+    that is gone (killed, machine restarted) is taken over. Also the experiments' locks (experiments/)."""
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
-            return path
+            return True
         except FileExistsError:
             pass
         try:
             text = open(path).read().strip()
-            if not text and time.time() - os.path.getmtime(path) < 10:
-                pid = "being started"                  # its owner has not written its pid yet
-            else:
-                pid = int(text)
-                with contextlib.suppress(PermissionError):   # another user's process: alive
-                    os.kill(pid, 0)                    # ProcessLookupError if there is no such process
-            raise FileExistsError(f"--output_dir {output_dir} is in use by another train.py (pid {pid}): wait for it "
-                                  f"or pick another directory (if no train.py runs there, delete {path})")
+            if not text and time.time() - os.path.getmtime(path) < 60:
+                return False                           # its pid is being written
+            if text:
+                with contextlib.suppress(PermissionError):   # another user's process: it runs
+                    os.kill(int(text), 0)              # ProcessLookupError if there is no such process
+                return False
+        except FileNotFoundError:                      # released meanwhile: try again
+            continue
         except (ProcessLookupError, ValueError):
-            pass                                       # its process is gone: take the lock over
-        except FileNotFoundError:
-            continue                                   # released meanwhile
-        try:
-            os.remove(path)
-        except FileNotFoundError:
             pass
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)                            # its process is gone
+
+
+def lock_output_dir(output_dir):
+    """One run per output directory: OUTPUT_DIR/train.lock holds the pid of the train.py writing there (two
+    would interleave metrics.jsonl and overwrite each other's checkpoints). -> the lock's path."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:                      # a file in the way, no permission
+        raise ValueError(f"--output_dir {output_dir}: cannot make the directory ({e.strerror})") from None
+    path = os.path.join(output_dir, "train.lock")
+    if not take_lock(path):
+        pid = open(path).read().strip() or "being started"
+        raise FileExistsError(f"--output_dir {output_dir} is in use by another train.py (pid {pid}): wait for it "
+                              f"or pick another directory (if no train.py runs there, delete {path})")
+    return path
 
 
 def main(argv=None):

@@ -48,7 +48,7 @@ Protocol (every choice):
   * A third, "ar_raster_diffusion_dropout0": AR raster with --dropout 0, the one part of that recipe
     that is not about MAR's masks or order, so that the recipe's MAR meets an AR given the same
     change (a 10th run).
-  * Sampling: EMA weights, fp32, batches of --batch (250) images, temperature 1.0, the linear CFG
+  * Sampling: EMA weights, --precision (fp32; training too), batches of --batch (250) images, temperature 1.0, the linear CFG
     schedule (the paper's), 100 diffusion steps per token (the paper's), labels class-balanced
     (image i has class i % 10), batch b drawn from a generator seeded with (--seed, b) as sample.py.
     MAR: num_iter 49 ("one token per step") or 16 ("MAR default", ~3 tokens per step); AR: 49 steps.
@@ -373,32 +373,7 @@ def uint8_images(dataset, index):
     return dataset.images[index].numpy()                               # (n, 28, 28, 1) uint8
 
 
-def take_lock(lock):
-    """Create the lock file holding our pid; False if a running process holds it. The lock of a process
-    that died (killed, machine restarted) is taken over."""
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            return True
-        except FileExistsError:
-            pass
-        try:
-            text = open(lock).read()
-            if not text and time.time() - os.path.getmtime(lock) < 60:
-                return False                             # its pid is being written
-            if text:
-                os.kill(int(text), 0)
-                return False                             # its process runs
-        except FileNotFoundError:                        # released meanwhile: try again
-            continue
-        except ProcessLookupError:
-            pass
-        try:
-            os.remove(lock)                              # its process is gone
-        except FileNotFoundError:
-            pass
+take_lock = train.take_lock     # lock files holding a pid: False while a live process holds one
 
 
 def once(path, make):
