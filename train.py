@@ -529,7 +529,9 @@ def lock_output_dir(output_dir):
         raise ValueError(f"--output_dir {output_dir}: cannot make the directory ({e.strerror})") from None
     path = os.path.join(output_dir, "train.lock")
     if not take_lock(path):
-        pid = open(path).read().strip() or "being started"
+        pid = "that just stopped"
+        with contextlib.suppress(FileNotFoundError):    # released meanwhile: the message still holds
+            pid = open(path).read().strip() or "being started"
         raise FileExistsError(f"--output_dir {output_dir} is in use by another train.py (pid {pid}): wait for it "
                               f"or pick another directory (if no train.py runs there, delete {path})")
     return path
@@ -539,7 +541,21 @@ def main(argv=None):
     """Train; -> the number of the signal that stopped the run early (its checkpoint saved), else None."""
     args = get_args(argv)
     rank, world, device = setup_distributed()
-    lock = lock_output_dir(args.output_dir) if rank == 0 else None
+    lock = error = None
+    if rank == 0:
+        try:
+            lock = lock_output_dir(args.output_dir)
+        except (ValueError, FileExistsError) as e:
+            error = e
+    if world > 1:                             # the other ranks stop too, instead of waiting for rank 0 forever
+        failed = torch.tensor(float(error is not None), device=device)
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            error = FileExistsError(f"--output_dir {args.output_dir}: rank 0 could not lock it (its message says why)")
+    if error is not None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise error
     try:
         stopped_by = train(args, rank, world, device)
         if world > 1:
