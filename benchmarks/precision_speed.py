@@ -16,7 +16,7 @@ For each thread count, every case runs in fp32 and in bf16 alternately (both see
 --warmup untimed runs each (a sampling warm-up uses 10 images), then --repeats timed runs; the median is
 reported with the ratio fp32 / bf16. The header states what torch reports of the CPU and its bf16 flags.
 
-Run (on an otherwise idle machine; about 15 minutes on 2 cores):
+Run (on an otherwise idle machine; about 17 minutes on 2 cores):
   python benchmarks/precision_speed.py --out benchmarks/precision.jsonl
   python benchmarks/precision_speed.py --cases demo_train --threads 1 --repeats 2      # quicker
 """
