@@ -2215,7 +2215,7 @@ def test_missing_checkpoints(tmp_path):
         train.main(["--resume", str(tmp_path / "none.pth"), "--output_dir", str(tmp_path)])
 
 
-def test_resume_refuses_other_settings_and_overwrite(tmp_path, full_run):
+def test_resume_refuses_other_settings_and_overwrite(tmp_path, full_run, capsys):
     with pytest.raises(ValueError, match="seed: checkpoint 0 vs now 1"):
         train.main(TRAIN_TINY + ["--seed", "1", "--resume", str(full_run), "--output_dir", str(tmp_path)])
     # another data set size changes the steps of every epoch-based setting: not the same run
@@ -2227,6 +2227,10 @@ def test_resume_refuses_other_settings_and_overwrite(tmp_path, full_run):
     with pytest.raises(ValueError, match="data_size: checkpoint 40 vs now 80"):
         train.main(TRAIN_TINY + array(80) + ["--max_steps", "2", "--output_dir", str(tmp_path / "a"),
                                              "--resume", str(tmp_path / "a" / "checkpoint-last.pth")])
+    os.replace(tmp_path / "d40.npz", tmp_path / "moved.npz")              # the same data elsewhere: allowed, said
+    train.main(TRAIN_TINY + ["--data", "array", "--data_path", str(tmp_path / "moved.npz"), "--max_steps", "2",
+                             "--output_dir", str(tmp_path / "a"), "--resume", str(tmp_path / "a" / "checkpoint-last.pth")])
+    assert "allowed, the data set has the same size (40 images)" in capsys.readouterr().out
     with pytest.raises(FileExistsError, match="--resume"):
         train.main(TRAIN_TINY + ["--output_dir", str(full_run.parent)])
     # resuming run A into run B's directory would overwrite B's checkpoint

@@ -344,6 +344,9 @@ def check_resume(ckpt, run_args, tokenizer_cfg):
         show = lambda cfg: {k: (f"tensor{tuple(v.shape)}" if torch.is_tensor(v) else v) for k, v in cfg.items()}
         diff.append(f"tokenizer: checkpoint {show(ckpt['tokenizer'])} vs now {show(tokenizer_cfg)}"
                     + (" (different codebooks)" if ckpt["tokenizer"].get("kind") == tokenizer_cfg.get("kind") == "vq" else ""))
+    if not diff and old.get("data_path") != run_args.get("data_path"):
+        print0(f"--resume: --data_path {old.get('data_path')!r} -> {run_args.get('data_path')!r}: allowed, the data "
+               f"set has the same size ({run_args.get('data_size')} images), so the schedule is unchanged")
     if diff:
         raise ValueError("--resume: this run's settings differ from the checkpoint's, so it would not continue "
                          "the same run:\n  " + "\n  ".join(diff) + "\n  (shards = world_size * accum_iter)")
