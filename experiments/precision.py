@@ -54,8 +54,8 @@ def measure(args, t1, ev, name, train_precision, path):
     model.diffloss.set_sampling_steps(t1.num_sampling_steps)
     tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
     for precision in PRECISIONS:
-        point = dict(model=name, cfg=cfg, n=args.num, seed=t1.seed, precision=precision,
-                     **table1.checkpoint_key(model, ckpt))
+        point = dict(model=name, cfg=cfg, n=args.num, **{**table1.setting(t1), "precision": precision},
+                     **table1.checkpoint_key(model, ckpt))                  # precision: the sampling one here
         with table1.claim(args, **point) as mine:
             if mine:
                 images, s_per_image = ev.sample(model, tokenizer, args.num, num_iter, cfg, precision=precision)
