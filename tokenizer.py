@@ -689,9 +689,10 @@ def check_labels(labels, num_classes=None):
     top = int(labels.max()) + 1 if len(labels) else 0
     if num_classes is not None and top > num_classes:
         raise ValueError(f"labels must be < num_classes = {num_classes}, got {top - 1}")
-    if num_classes is None and top > 2 * len(np.unique(labels)):
-        raise ValueError(f"labels use {len(np.unique(labels))} distinct values but reach {top - 1}: map them to "
-                         "class indices 0..K-1 first")
+    distinct = len(np.unique(labels))
+    if num_classes is None and top > 2 * distinct:
+        raise ValueError(f"labels use {distinct} distinct values but reach {top - 1}: map them to class indices "
+                         "0..K-1 first")
     return torch.as_tensor(labels, dtype=torch.long)
 
 

@@ -17,7 +17,7 @@ For each thread count, every case runs in fp32 and in bf16 alternately (both see
 reported with the ratio fp32 / bf16. The header states what torch reports of the CPU and its bf16 flags.
 
 Run (on an otherwise idle machine; about 17 minutes on 2 cores):
-  python benchmarks/precision_speed.py --out benchmarks/precision.jsonl
+  python benchmarks/precision_speed.py --out benchmarks/precision_speed.jsonl
   python benchmarks/precision_speed.py --cases demo_train --threads 1 --repeats 2      # quicker
 """
 import argparse
@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mar  # noqa: E402
 import tokenizer as tk  # noqa: E402
-import train  # noqa: E402
 import sample  # noqa: E402
+import train  # noqa: E402
 from sample import autocast, fast_bf16, generate  # noqa: E402
 
 # name -> (what, model, seq_len, token_dim, batch, extra: mask law (train) or CFG scale (sample))
@@ -108,7 +108,7 @@ def sample_runner(model, batch, cfg):
 
 def bench(case, threads, args):
     what, name, seq_len, token_dim, batch, extra = CASES[case]
-    batch = args.sample_batch or batch if what == "sample" else batch
+    batch = (args.sample_batch or batch) if what == "sample" else batch
     torch.set_num_threads(threads)
     model = build(name, seq_len, token_dim, extra, what, args.num_sampling_steps)
     run = train_runner(model, batch, args.train_steps) if what == "train" else sample_runner(model, batch, extra)
