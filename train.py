@@ -292,39 +292,13 @@ def same_config(a, b):
     return a == b
 
 
-PAPER_MASK_RATIO_MIN = inspect.signature(mar.MAR).parameters["mask_ratio_min"].default   # 0.7
-# The built-in shapes' own defaults, chosen with experiments/shapes_judge.py (experiments/README.md): 4
-# tokens of 8x8 pixels, and the masked count uniform on 1..4, since with 4 tokens the paper's N(1, 0.25)
-# on [0.7, 1] trains with at most one known while generation conditions on up to three (the uniform law
-# trains each count alike; 92.8% -> 94.9% of samples recognised, 1,400 each). With the truncnorm law
-# chosen by hand the shapes keep its lower end 0, their default before the uniform law.
-BUILTIN_DEFAULTS = {"patch_size": 8, "mask_ratio_law": "uniform", "mask_ratio_min": 0.0}
-
-
-def resolve_defaults(args):
-    """The defaults that depend on other arguments (a dict, filled in place): patch_size 1 on VAE latents
-    (KL-16's tokens, the paper's), else 4 pixels (BUILTIN_DEFAULTS on --data builtin); ar_* models
-    generate in raster order; mar_* models train with the paper's mask ratio law (truncnorm, min 0.7),
-    except on the built-in shapes (BUILTIN_DEFAULTS) unless a --mask_ratio_min asks for the truncnorm law.
-    ar_* models do not mask; they record "truncnorm", the parser's default before it depended on --data."""
-    builtin, is_mar = args["data"] == "builtin", args["model"].startswith("mar_")
-    if args.get("patch_size") is None:
-        args["patch_size"] = 1 if args.get("vae") else BUILTIN_DEFAULTS["patch_size"] if builtin else 4
-    if args["model"].startswith("ar_") and args.get("order") is None:
-        args["order"] = "raster"
-    if args.get("mask_ratio_law") is None:
-        shapes = is_mar and builtin and args.get("mask_ratio_min") is None
-        args["mask_ratio_law"] = BUILTIN_DEFAULTS["mask_ratio_law"] if shapes else "truncnorm"
-    if is_mar and args.get("mask_ratio_min") is None:     # stored with every law (the others ignore it)
-        args["mask_ratio_min"] = BUILTIN_DEFAULTS["mask_ratio_min"] if builtin else PAPER_MASK_RATIO_MIN
-    return args
-
-
 def checkpoint_args(ckpt):
     """The arguments a checkpoint was trained with (stored resolved), the parser's defaults filling in
-    any flag it does not name; a run from before --mask_ratio_law trained with the truncnorm law, one from
-    before --precision in fp32 on a CPU (on a GPU in bf16: check_resume does not compare what is unknown)."""
-    return {**vars(build_parser().parse_args([])), "mask_ratio_law": "truncnorm", "precision": "fp32", **ckpt["args"]}
+    any flag it does not name, and the two flags it may predate holding the value it trained with."""
+    return {**vars(build_parser().parse_args([])),
+            "mask_ratio_law": "truncnorm",   # a run from before the law flag trained with the paper's law
+            "precision": "fp32",             # one from before --precision in fp32 on a CPU (on a GPU in bf16:
+            **ckpt["args"]}                  # check_resume does not compare what is unknown)
 
 
 def check_resume(ckpt, run_args, tokenizer_cfg):
@@ -352,6 +326,30 @@ def check_resume(ckpt, run_args, tokenizer_cfg):
                          "the same run:\n  " + "\n  ".join(diff) + "\n  (shards = world_size * accum_iter)")
 
 
+def checkpoint_path(args):
+    """OUTPUT_DIR/checkpoint-last.pth, the file this run writes; refused if it already holds a run that
+    --resume does not continue (a new run would overwrite it)."""
+    path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    if args.resume is None and os.path.exists(path):
+        raise FileExistsError(f"{path} exists: continue it with --resume {path}, or pick a new --output_dir")
+    if args.resume is not None and os.path.exists(path) and not os.path.samefile(args.resume, path):
+        raise FileExistsError(f"--output_dir {args.output_dir} holds another run's checkpoint, which --resume "
+                              f"{args.resume} would overwrite: pass --output_dir {os.path.dirname(args.resume) or '.'} "
+                              "(the run's own) or an empty one")
+    return path
+
+
+def start_metrics(path, resumed_step=None):
+    """Start a run's metrics.jsonl: empty for a new run; a resumed run keeps the rows up to its checkpoint's
+    step and drops what came after it (those steps are trained again)."""
+    rows = []
+    if resumed_step is not None and os.path.exists(path):
+        rows = [r for r in metric_rows(path) if json.loads(r)["step"] <= resumed_step]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
 def metric_rows(path):
     """The lines of a metrics.jsonl. A last line that is not JSON was torn by a crash mid-write (it is
     after the checkpoint's step anyway): dropped. A bad line before it is not a crash: an error."""
@@ -368,12 +366,11 @@ def metric_rows(path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Training
+# Arguments: the parser, the defaults that depend on other flags, the model's keyword arguments
 # ------------------------------------------------------------------------------------------------
-def duration(seconds):
-    """3725.2 -> '1h02m05s', 65 -> '1m05s': an ETA of days stays readable."""
-    h, rest = divmod(int(seconds), 3600)
-    return (f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m") + f"{rest % 60:02d}s"
+# The paper's values are MAR's constructor defaults (MAR-B on ImageNet 256): the parser and the rule
+# below read them there instead of spelling them again.
+MAR_DEFAULTS = {k: p.default for k, p in inspect.signature(mar.MAR).parameters.items()}
 
 
 def build_parser():
@@ -405,7 +402,7 @@ def build_parser():
       help="mar_* models: law of the training mask ratio: truncnorm (the paper's, see --mask_ratio_min), uniform "
            "(the masked count uniform on 1..seq), cosine (as the generation schedule visits it); see MAR.mask_count "
            "(default: uniform on --data builtin without --mask_ratio_min, else truncnorm)")
-    a("--pos_embed_init", default="normal", choices=mar.POS_EMBED_INITS,
+    a("--pos_embed_init", default=MAR_DEFAULTS["pos_embed_init"], choices=mar.POS_EMBED_INITS,
       help="initial value of the learned position embeddings: normal (N(0, 0.02), the paper's) or sincos (2D "
            "sin-cos of the token grid, then learned as usual)")
     a("--encoder_depth", type=int, default=None,
@@ -442,6 +439,32 @@ def build_parser():
     a("--ckpt_every", type=int, default=500)
     a("--sample_every", type=int, default=1000, help="preview grid every N steps and at the end; 0 = none")
     return p
+
+
+def resolve_defaults(args):
+    """The defaults that depend on other flags, all decided here (args: a dict, filled in place where a
+    flag was left None). Tokens: KL-16 latents 1x1 (the paper's), pixels 4x4, the built-in shapes 8x8.
+    Order: ar_* models generate in raster order. Mask ratio (mar_* models): the paper's law and lower end
+    (MAR's defaults: truncnorm on [0.7, 1]), except on the built-in shapes unless a --mask_ratio_min asks
+    for the truncnorm law; the lower end is stored with every law (the others ignore it). ar_* models do
+    not mask: they record the truncnorm law and no lower end."""
+    builtin, is_mar = args["data"] == "builtin", args["model"].startswith("mar_")
+    # The built-in shapes' own defaults, chosen with experiments/shapes_judge.py (experiments/README.md): 4
+    # tokens of 8x8 pixels, and the masked count uniform on 1..4, since with 4 tokens the paper's N(1, 0.25)
+    # on [0.7, 1] trains with at most one known while generation conditions on up to three (the uniform law
+    # trains each count alike; 92.8% -> 94.9% of samples recognised, 1,400 each). With the truncnorm law
+    # chosen by hand the shapes keep its lower end 0, their default before the uniform law.
+    shapes_law = is_mar and builtin and args["mask_ratio_min"] is None
+    derived = {
+        "patch_size": 1 if args["vae"] else 8 if builtin else 4,
+        "order": None if is_mar else "raster",
+        "mask_ratio_law": "uniform" if shapes_law else MAR_DEFAULTS["mask_ratio_law"],
+        "mask_ratio_min": None if not is_mar else 0.0 if builtin else MAR_DEFAULTS["mask_ratio_min"],
+    }
+    for name, value in derived.items():
+        if args[name] is None:
+            args[name] = value
+    return args
 
 
 def get_args(argv=None):
@@ -496,6 +519,33 @@ def get_args(argv=None):
     return args
 
 
+def model_kwargs(args, tokenizer):
+    """mar.build_model's keyword arguments for this run (get_args' resolved values; the caller adds
+    num_classes): the token shape, then each model flag, always handed over. A flag left None stands for
+    the model's own value (mar.MODELS, or the class's default) and is not passed. The mask ratio and the
+    depths of the two halves exist for mar_* models only, the order for ar_* models only."""
+    kw = dict(seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim, head=args.head,
+              num_codes=tokenizer.num_codes if args.head == "ce" else None,
+              clip_x0=tokenizer.token_bound if args.head == "diffusion" else None,  # bounded tokens: clip x0 (DiffLoss)
+              diffloss_w=args.diffloss_w, pos_embed_init=args.pos_embed_init, attn_dropout=args.dropout,
+              proj_dropout=args.dropout, grad_checkpointing=args.grad_checkpointing)
+    if args.model.startswith("mar_"):
+        kw.update(mask_ratio_law=args.mask_ratio_law, mask_ratio_min=args.mask_ratio_min,
+                  encoder_depth=args.encoder_depth, decoder_depth=args.decoder_depth)
+    else:
+        kw.update(order=args.order)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+def duration(seconds):
+    """3725.2 -> '1h02m05s', 65 -> '1m05s': an ETA of days stays readable."""
+    h, rest = divmod(int(seconds), 3600)
+    return (f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m") + f"{rest % 60:02d}s"
+
+
 def take_lock(path):
     """Create the lock file `path` holding our pid; False if a running process holds it. The lock of a process
     that is gone (killed, machine restarted) is taken over. Also the experiments' locks (experiments/)."""
@@ -540,6 +590,37 @@ def lock_output_dir(output_dir):
     return path
 
 
+class StopOnSignal:
+    """SIGTERM / SIGINT (Ctrl-C) while training only note the signal: the step in progress finishes, then
+    the run saves a checkpoint and stops (a second Ctrl-C gives up on the clean stop). The previous
+    handlers come back when the training loop ends, however it ends."""
+
+    def __init__(self, rank, world, device):
+        self.rank, self.world, self.device, self.signal = rank, world, device, None
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self.note) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def note(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"[rank {self.rank}] {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
+
+    def agreed(self):
+        """Whether to stop after this step: yes on every rank if any rank got a signal (they must stop together)."""
+        if self.world == 1:
+            return self.signal is not None
+        flag = torch.tensor(float(self.signal is not None), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 def main(argv=None):
     """Train; -> the number of the signal that stopped the run early (its checkpoint saved), else None."""
     args = get_args(argv)
@@ -576,18 +657,13 @@ def main(argv=None):
 
 
 def train(args, rank, world, device):
+    """One process's run: data, tokens, model (or the --resume one), then the steps; -> the signal that
+    stopped it early (its checkpoint saved), else None."""
     is_main = rank == 0
     shards = world * args.accum_iter
     global_batch = args.batch_size * shards
     run_args = dict(vars(args), world_size=world, shards=shards)   # a plain dict: loads with weights_only
-    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    if args.resume is None and os.path.exists(ckpt_path):
-        raise FileExistsError(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or pick a new --output_dir")
-    if args.resume is not None and os.path.exists(ckpt_path) and not os.path.samefile(args.resume, ckpt_path):
-        raise FileExistsError(f"--output_dir {args.output_dir} holds another run's checkpoint, which --resume "
-                              f"{args.resume} would overwrite: pass --output_dir {os.path.dirname(args.resume) or '.'} "
-                              "(the run's own) or an empty one")
-
+    ckpt_path = checkpoint_path(args)
     dataset = load_data(args)
     run_args["data_size"] = len(dataset)          # the schedule's steps per epoch: a resume must see the same
     tokenizer = make_tokenizer(args, dataset).to(device)
@@ -596,30 +672,7 @@ def train(args, rank, world, device):
         check_resume(ckpt, run_args, tokenizer.config())
 
     torch.manual_seed(args.seed)                                         # same initial weights on every rank
-    extra = {"grad_checkpointing": True} if args.grad_checkpointing else {}
-    if tokenizer.token_bound is not None and args.head == "diffusion":  # bounded tokens (pixels): clip x0 while sampling
-        extra["clip_x0"] = tokenizer.token_bound
-    if args.head != "diffusion":
-        extra["head"] = args.head
-    if args.head == "ce":
-        extra["num_codes"] = tokenizer.num_codes
-    if args.order is not None:
-        extra["order"] = args.order
-    if args.diffloss_w is not None:
-        extra["diffloss_w"] = args.diffloss_w
-    if args.mask_ratio_min is not None:
-        extra["mask_ratio_min"] = args.mask_ratio_min
-    if args.mask_ratio_law != "truncnorm":
-        extra["mask_ratio_law"] = args.mask_ratio_law
-    if args.pos_embed_init != "normal":
-        extra["pos_embed_init"] = args.pos_embed_init
-    if args.dropout is not None:
-        extra["attn_dropout"] = extra["proj_dropout"] = args.dropout
-    for flag in ("encoder_depth", "decoder_depth"):
-        if getattr(args, flag) is not None:
-            extra[flag] = getattr(args, flag)
-    model = mar.build_model(args.model, seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim,
-                            num_classes=dataset.num_classes, **extra)
+    model = mar.build_model(args.model, num_classes=dataset.num_classes, **model_kwargs(args, tokenizer))
     if args.head == "ce":                        # the head samples codes: it holds the tokenizer's codebook
         model.diffloss.codebook.copy_(tokenizer.codebook)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -650,14 +703,9 @@ def train(args, rank, world, device):
     loader = iter(torch.utils.data.DataLoader(Flippable(dataset), batch_sampler=sampler, num_workers=args.num_workers,
                                               pin_memory=device.type == "cuda"))
 
+    metrics = os.path.join(args.output_dir, "metrics.jsonl")
     if is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        metrics = os.path.join(args.output_dir, "metrics.jsonl")
-        rows = []
-        if ckpt is not None and os.path.exists(metrics):               # drop what came after the checkpoint
-            rows = [r for r in metric_rows(metrics) if json.loads(r)["step"] <= step]
-        with open(metrics, "w") as f:
-            f.writelines(rows)
+        start_metrics(metrics, step if ckpt is not None else None)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"{args.model}: {n_params / 1e6:.2f}M parameters, tokens {tokenizer.seq_len} x {tokenizer.token_dim}, "
            f"{dataset.num_classes} classes, {len(dataset)} images | {world} process(es) on {device}, "
@@ -666,16 +714,6 @@ def train(args, rank, world, device):
            + (f" (--max_steps; the schedule has {total_steps})" if stop_step < total_steps else "")
            + f", {steps_per_epoch:.1f} steps/epoch"
            + (f", resuming at step {step}" if step else ""))
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:          # a second Ctrl-C: give up on the clean stop
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-        print(f"[rank {rank}] {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def checkpoint():
         if is_main:
@@ -702,7 +740,7 @@ def train(args, rank, world, device):
     loss_sum, window_start, window_steps, t_start = torch.zeros((), device=device), time.time(), 0, time.time()
     start_step, t_first = step, None
     first_bad = torch.tensor(-1, device=device)
-    try:
+    with StopOnSignal(rank, world, device) as stop:
         while step < stop_step:
             lr = learning_rate(step, peak_lr, warmup_steps, total_steps, args.lr_schedule)
             for group in opt.param_groups:
@@ -738,11 +776,7 @@ def train(args, rank, world, device):
             eta = (stop_step - step) * mean_step
             log = step % args.log_every == 0 or step == stop_step
 
-            stopping = stop["signal"] is not None
-            if world > 1:                              # every rank must stop after the same step
-                flag = torch.tensor(float(stopping), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
+            stopping = stop.agreed()
             if log or step % args.ckpt_every == 0 or stopping:
                 check_finite()
             if step == start_step + 1 and not (log or stopping):      # first feedback at once, not at step 50
@@ -759,7 +793,7 @@ def train(args, rank, world, device):
                 print0(f"step {step}/{stop_step} | epoch {row['epoch']:.2f} | loss {row['loss']:.4f} | lr {lr:.2e} | "
                        f"{row['images_per_s']:.0f} img/s | ETA {duration(eta)}")
                 if is_main:
-                    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                    with open(metrics, "a") as f:
                         f.write(json.dumps(row) + "\n")
                 loss_sum.zero_()
                 window_start, window_steps = time.time(), 0
@@ -770,11 +804,8 @@ def train(args, rank, world, device):
             if stopping:
                 print0(f"stopped by signal at step {step}; continue with --resume {ckpt_path}")
                 break
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
     print0(f"done: step {step}, {time.time() - t_start:.0f} s; checkpoint {ckpt_path}")
-    return stop["signal"]
+    return stop.signal
 
 
 if __name__ == "__main__":
