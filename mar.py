@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from diffloss import DiffLoss, masked_rows
+from diffloss import DiffLoss, masked_rows   # masked_rows: boolean indexing's positions, static shape
 from tokenizer import load_state_dict_strict, nearest_code, torch_load
 
 
@@ -109,118 +109,8 @@ def run_blocks(blocks, x, grad_checkpointing, causal=False, caches=None):
     return x
 
 
-# (B, n) positions of the True entries of flags (B, L), ascending: the static-shape replacement of
-# boolean indexing that the masking and the generation loop use (the same as DiffLoss's row selection).
-index_of = masked_rows
-
-
-def gather_rows(x, index):
-    """x (B, L, D), index (B, n) -> (B, n, D): x[b, index[b, j]]."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def init_transformer_weights(model):
-    """The released code's init: xavier-uniform linears with zero bias, LayerNorm (1, 0). The per-token head is
-    skipped: it keeps its own init (zero adaLN and output layers, so its blocks start as identity)."""
-    for name, m in model.named_modules():
-        if name.startswith("diffloss"):
-            continue
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-POS_EMBED_INITS = ("normal", "sincos")
-
-
-def sincos_2d(seq_len, dim):
-    """(seq_len, dim) 2D sin-cos position embedding of a square grid, row-major (MAE's fixed
-    embedding; Vaswani et al.'s 1D formula on each axis). The first dim/2 channels encode the row r,
-    the last dim/2 the column c, each as [sin(p w_0 .. p w_F-1), cos(p w_0 .. p w_F-1)] with
-    w_i = 10000^(-i/F), F = dim/4. The inner product of two positions' embeddings is
-    sum_i cos(w_i dr) + cos(w_i dc): it depends only on their offset (dr, dc) and is largest at 0, so
-    grid neighbours look alike from the first step on."""
-    side = math.isqrt(seq_len)
-    if side * side != seq_len or dim % 4:
-        raise ValueError(f"a 2D sin-cos embedding needs a square token grid and a width divisible by 4, "
-                         f"got seq_len {seq_len} and width {dim}")
-    w = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))      # (F,)
-    pos = torch.arange(seq_len, dtype=torch.float64)
-    axis = lambda p: torch.cat([(p[:, None] * w).sin(), (p[:, None] * w).cos()], dim=1)  # (seq, dim/2)
-    return torch.cat([axis(torch.div(pos, side, rounding_mode="floor")), axis(pos % side)], dim=1).float()
-
-
-def init_pos_embed(p, kind, skip=0):
-    """Initialise a learned position embedding p (1, skip + seq, D) in place. "normal": N(0, 0.02), the
-    released code's. "sincos": the token positions start from sincos_2d (then train as usual) and the
-    first `skip` (MAR's buffer) from N(0, 0.02): the grid's geometry is there from step 0 instead of
-    having to be learned from embeddings an order of magnitude below the content."""
-    if kind not in POS_EMBED_INITS:
-        raise ValueError(f"pos_embed_init must be one of {POS_EMBED_INITS}, got {kind!r}")
-    nn.init.normal_(p, std=0.02)
-    if kind == "sincos":
-        with torch.no_grad():
-            p[0, skip:] = sincos_2d(p.shape[1] - skip, p.shape[2])
-
-
-CFG_SCHEDULES = ("linear", "constant")
-
-
-def cfg_scale(cfg, cfg_schedule, mask_len, seq_len):
-    """Guidance scale of one generation step (the paper's linear schedule, after Muse). "linear" grows with the number of
-    tokens known after the step: w_k = 1 + (w - 1) * (seq - mask_len) / seq, weak guidance while the
-    image is mostly unknown; "constant" uses w at every step."""
-    if cfg_schedule == "linear":
-        return 1.0 + (cfg - 1.0) * (seq_len - mask_len) / seq_len
-    if cfg_schedule == "constant":
-        return float(cfg)
-    raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-
-
-def _check_sampling_args(bsz, cfg_schedule, labels, temperature):
-    if bsz < 1:
-        raise ValueError(f"bsz must be >= 1, got {bsz}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-    if not 0 < temperature < math.inf:        # also NaN
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if labels is not None and tuple(labels.shape) != (bsz,):
-        raise ValueError(f"labels must have shape ({bsz},), got {tuple(labels.shape)}")
-
-
-def _labels_or_random(model, bsz, labels, generator, device):
-    """labels=None samples classes uniformly from `generator`: class-conditional models always get a
-    class (ImageNet FID uses 50 per class; pass them explicitly for that)."""
-    if labels is None:
-        return torch.randint(0, model.num_classes, (bsz,), device=device, generator=generator)
-    return labels.to(device)
-
-
 # ----------------------------------------------------------------------------------------------
 # MAR (Sec. 3.5): bidirectional masked autoregressive model, MAE-style encoder / decoder.
-
-def mar_schedule(seq_len, num_iter):
-    """The cosine masking schedule of generation (the paper's, after MaskGIT) as plain numbers.
-
-    Returns one (mask_len, num_pred) pair per step k: after step k, mask_len = floor(seq *
-    cos(pi/2 (k+1)/K)) tokens stay unknown, clamped to [1, still_masked - 1] so that every step
-    predicts at least one token and one is left for later; the last step predicts all that remain.
-    mask_len is the released value also at the last step (1), which is what linear CFG sees there.
-    """
-    if not 1 <= num_iter <= seq_len:
-        raise ValueError(f"num_iter must be in [1, seq_len={seq_len}], got {num_iter}")
-    steps, still = [], seq_len
-    for k in range(num_iter):
-        mask_len = math.floor(seq_len * math.cos(math.pi / 2 * (k + 1) / num_iter))
-        mask_len = max(1, min(still - 1, mask_len))
-        num_pred = still if k == num_iter - 1 else still - mask_len
-        steps.append((mask_len, num_pred))
-        still -= num_pred
-    return steps
-
 
 MASK_RATIO_LAWS = ("truncnorm", "uniform", "cosine")
 
@@ -378,7 +268,7 @@ class MAR(nn.Module):
         known tokens, ascending: boolean indexing's elements in its order, with a shape fixed by the
         host-side count (no device-to-host read; one graph for torch.compile)."""
         buffer = torch.ones(mask.shape[0], self.buffer_size, dtype=torch.bool, device=mask.device)
-        return index_of(torch.cat([buffer, mask == 0], dim=1), self.buffer_size + mask.shape[1] - num_masked)
+        return masked_rows(torch.cat([buffer, mask == 0], dim=1), self.buffer_size + mask.shape[1] - num_masked)
 
     def forward_loss(self, z, target, mask, num_masked=None):
         """Diffusion Loss on the masked tokens, each repeated diffusion_batch_mul times (Sec. 3.2).
@@ -432,7 +322,7 @@ class MAR(nn.Module):
             # Still unknown after this step: the first mask_len positions of each order.
             mask_next = rank < (mask_len if k < num_iter - 1 else 0)              # (B, seq) bool
             to_pred = mask.bool() & ~mask_next                                    # num_pred per row
-            pred = index_of(to_pred, num_pred)                                    # (B, num_pred) ascending
+            pred = masked_rows(to_pred, num_pred)                                 # (B, num_pred) ascending
             w = cfg_scale(cfg, cfg_schedule, mask_len, L) if guided else 1.0
             z = gather_rows(z, both(pred)).reshape(-1, z.shape[-1])               # rows [cond; uncond]
             new = self.diffloss.sample(z, temperature, w, generator)[:bsz * num_pred]  # cond half under CFG
@@ -440,6 +330,117 @@ class MAR(nn.Module):
                             new.reshape(bsz, num_pred, -1).to(tokens.dtype))
             mask, still = mask_next.float(), still - num_pred
         return tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# MAR's own helpers: the generation schedule of sample_tokens and the row gather of the masking.
+
+def mar_schedule(seq_len, num_iter):
+    """The cosine masking schedule of generation (the paper's, after MaskGIT) as plain numbers.
+
+    Returns one (mask_len, num_pred) pair per step k: after step k, mask_len = floor(seq *
+    cos(pi/2 (k+1)/K)) tokens stay unknown, clamped to [1, still_masked - 1] so that every step
+    predicts at least one token and one is left for later; the last step predicts all that remain.
+    mask_len is the released value also at the last step (1), which is what linear CFG sees there.
+    """
+    if not 1 <= num_iter <= seq_len:
+        raise ValueError(f"num_iter must be in [1, seq_len={seq_len}], got {num_iter}")
+    steps, still = [], seq_len
+    for k in range(num_iter):
+        mask_len = math.floor(seq_len * math.cos(math.pi / 2 * (k + 1) / num_iter))
+        mask_len = max(1, min(still - 1, mask_len))
+        num_pred = still if k == num_iter - 1 else still - mask_len
+        steps.append((mask_len, num_pred))
+        still -= num_pred
+    return steps
+
+
+def gather_rows(x, index):
+    """x (B, L, D), index (B, n) -> (B, n, D): x[b, index[b, j]]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared with the causal AR below: initialisation, the sampling arguments, classifier-free guidance.
+
+def init_transformer_weights(model):
+    """The released code's init: xavier-uniform linears with zero bias, LayerNorm (1, 0). The per-token head is
+    skipped: it keeps its own init (zero adaLN and output layers, so its blocks start as identity)."""
+    for name, m in model.named_modules():
+        if name.startswith("diffloss"):
+            continue
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+POS_EMBED_INITS = ("normal", "sincos")
+
+
+def init_pos_embed(p, kind, skip=0):
+    """Initialise a learned position embedding p (1, skip + seq, D) in place. "normal": N(0, 0.02), the
+    released code's. "sincos": the token positions start from sincos_2d (then train as usual) and the
+    first `skip` (MAR's buffer) from N(0, 0.02): the grid's geometry is there from step 0 instead of
+    having to be learned from embeddings an order of magnitude below the content."""
+    if kind not in POS_EMBED_INITS:
+        raise ValueError(f"pos_embed_init must be one of {POS_EMBED_INITS}, got {kind!r}")
+    nn.init.normal_(p, std=0.02)
+    if kind == "sincos":
+        with torch.no_grad():
+            p[0, skip:] = sincos_2d(p.shape[1] - skip, p.shape[2])
+
+
+def sincos_2d(seq_len, dim):
+    """(seq_len, dim) 2D sin-cos position embedding of a square grid, row-major (MAE's fixed
+    embedding; Vaswani et al.'s 1D formula on each axis). The first dim/2 channels encode the row r,
+    the last dim/2 the column c, each as [sin(p w_0 .. p w_F-1), cos(p w_0 .. p w_F-1)] with
+    w_i = 10000^(-i/F), F = dim/4. The inner product of two positions' embeddings is
+    sum_i cos(w_i dr) + cos(w_i dc): it depends only on their offset (dr, dc) and is largest at 0, so
+    grid neighbours look alike from the first step on."""
+    side = math.isqrt(seq_len)
+    if side * side != seq_len or dim % 4:
+        raise ValueError(f"a 2D sin-cos embedding needs a square token grid and a width divisible by 4, "
+                         f"got seq_len {seq_len} and width {dim}")
+    w = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))      # (F,)
+    pos = torch.arange(seq_len, dtype=torch.float64)
+    axis = lambda p: torch.cat([(p[:, None] * w).sin(), (p[:, None] * w).cos()], dim=1)  # (seq, dim/2)
+    return torch.cat([axis(torch.div(pos, side, rounding_mode="floor")), axis(pos % side)], dim=1).float()
+
+
+def _check_sampling_args(bsz, cfg_schedule, labels, temperature):
+    if bsz < 1:
+        raise ValueError(f"bsz must be >= 1, got {bsz}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    if not 0 < temperature < math.inf:        # also NaN
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if labels is not None and tuple(labels.shape) != (bsz,):
+        raise ValueError(f"labels must have shape ({bsz},), got {tuple(labels.shape)}")
+
+
+def _labels_or_random(model, bsz, labels, generator, device):
+    """labels=None samples classes uniformly from `generator`: class-conditional models always get a
+    class (ImageNet FID uses 50 per class; pass them explicitly for that)."""
+    if labels is None:
+        return torch.randint(0, model.num_classes, (bsz,), device=device, generator=generator)
+    return labels.to(device)
+
+
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def cfg_scale(cfg, cfg_schedule, mask_len, seq_len):
+    """Guidance scale of one generation step (the paper's linear schedule, after Muse). "linear" grows with the number of
+    tokens known after the step: w_k = 1 + (w - 1) * (seq - mask_len) / seq, weak guidance while the
+    image is mostly unknown; "constant" uses w at every step."""
+    if cfg_schedule == "linear":
+        return 1.0 + (cfg - 1.0) * (seq_len - mask_len) / seq_len
+    if cfg_schedule == "constant":
+        return float(cfg)
+    raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
 
 
 # ==============================================================================================
@@ -574,6 +575,27 @@ class AR(nn.Module):
 HEADS = ("diffusion", "ce", "l2")
 
 
+def make_head(head, token_dim, z_channels, depth, width, num_sampling_steps, grad_checkpointing, clip_x0,
+              num_codes):
+    """The per-token head named `head` (HEADS), with the Diffusion Loss MLP's depth and width."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if (head == "ce") != (num_codes is not None):
+        raise ValueError("num_codes (the VQ codebook size K) is needed by head='ce' and only by it, "
+                         f"got head={head!r}, num_codes={num_codes!r}")
+    if head == "diffusion":
+        return DiffLoss(token_dim, z_channels, depth, width, num_sampling_steps, grad_checkpointing, clip_x0)
+    if head == "ce":
+        return CEHead(token_dim, z_channels, depth, width, num_codes)
+    return L2Head(token_dim, z_channels, depth, width)
+
+
+def _batch_mul(head, diffusion_batch_mul):
+    """Rows are repeated diffusion_batch_mul times to give each z several (t, noise) draws; the CE and
+    L2 losses are deterministic in z, so a repeat would only copy the same term: 1 for them."""
+    return diffusion_batch_mul if head == "diffusion" else 1
+
+
 class TokenMLP(nn.Module):
     """z (N, Z) -> (N, out): residual MLP with the Diffusion Loss MLP's width and depth (a fair
     comparison: the same head budget), minus what only a denoiser needs (no x_t or timestep input,
@@ -682,27 +704,6 @@ class L2Head(_PointHead):
 
     def draw(self, prediction, temperature, generator):
         return prediction
-
-
-def _batch_mul(head, diffusion_batch_mul):
-    """Rows are repeated diffusion_batch_mul times to give each z several (t, noise) draws; the CE and
-    L2 losses are deterministic in z, so a repeat would only copy the same term: 1 for them."""
-    return diffusion_batch_mul if head == "diffusion" else 1
-
-
-def make_head(head, token_dim, z_channels, depth, width, num_sampling_steps, grad_checkpointing, clip_x0,
-              num_codes):
-    """The per-token head named `head` (HEADS), with the Diffusion Loss MLP's depth and width."""
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if (head == "ce") != (num_codes is not None):
-        raise ValueError("num_codes (the VQ codebook size K) is needed by head='ce' and only by it, "
-                         f"got head={head!r}, num_codes={num_codes!r}")
-    if head == "diffusion":
-        return DiffLoss(token_dim, z_channels, depth, width, num_sampling_steps, grad_checkpointing, clip_x0)
-    if head == "ce":
-        return CEHead(token_dim, z_channels, depth, width, num_codes)
-    return L2Head(token_dim, z_channels, depth, width)
 
 
 # ----------------------------------------------------------------------------------------------
