@@ -447,8 +447,8 @@ def test_static_shape_masking_equals_boolean_indexing(num_masked):
     ref = boolean_forward_z(model, tokens, mask, labels)
     assert torch.equal(model.forward_z(tokens, mask, labels, num_masked), ref)
     assert torch.equal(model.forward_z(tokens, mask, labels), ref)        # count read off the mask
-    flags = torch.rand(B, SEQ).argsort(1) < num_masked                   # index_of: positions, ascending
-    assert torch.equal(train.mar.index_of(flags, num_masked), flags.nonzero()[:, 1].reshape(B, num_masked))
+    flags = torch.rand(B, SEQ).argsort(1) < num_masked                   # masked_rows: positions, ascending
+    assert torch.equal(train.mar.masked_rows(flags, num_masked), flags.nonzero()[:, 1].reshape(B, num_masked))
 
 
 def mask_count_law(law, L, mask_ratio_min=0.7):
@@ -2334,3 +2334,26 @@ def test_readme_install_and_laptop_commands():
     images = T.ArrayDataset(np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int64))
     tok = train.make_tokenizer(fashion[0], images)
     assert (tok.seq_len, tok.token_dim) == (49, 16)
+
+
+# -- the READMEs' links --------------------------------------------------------------------------
+
+def test_readme_links_resolve():
+    """Every relative link and image of the three READMEs names a file or folder that exists, so a moved
+    write-up or a renamed figure fails here instead of on the page. Web links and pure #anchors are not
+    checked; a #fragment is stripped; fenced code is skipped (its brackets are Python, not links)."""
+    import re
+    link = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)[^)]*\)")      # [text](target) and ![alt](path "title")
+    bad, checked = [], 0
+    for readme in ("README.md", "experiments/README.md", "benchmarks/README.md"):
+        text = re.sub(r"```.*?```", "", open(os.path.join(HERE, readme)).read(), flags=re.S)
+        folder = os.path.dirname(os.path.join(HERE, readme))
+        for target in link.findall(text):
+            path = target.split("#")[0]
+            if target.startswith(("http://", "https://", "mailto:")) or not path:
+                continue
+            checked += 1
+            if not os.path.exists(os.path.join(folder, path)):
+                bad.append(f"{readme}: {target}")
+    assert checked >= 20, f"only {checked} relative links found: has the link pattern stopped matching?"
+    assert not bad, bad

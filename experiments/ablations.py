@@ -44,7 +44,7 @@ a Table 1 run used, if not the defaults, in --table1_args):
     the 10,000 test images (Evaluator.ref("test")). FID at N = 1,000 is biased upward compared with Table
     1's N = 5,000: compare points within a plot, not with Table 1. The floor at this N (N class-balanced
     training images vs the test set) is recorded and drawn in every plot: it is the first N rows of
-    Table 1's cached training-reference features, since table1.balanced_subset is prefix-consistent
+    Table 1's cached training-reference features, since lab.balanced_subset is prefix-consistent
     (image i is the (i // 10)-th of class i % 10 in one seeded permutation, whatever the total).
   * W/ CFG curves use one scale w: Table 1's choice for the row (table1.best_cfg of "mar16_diffusion";
     "ar_raster_diffusion" for AR) once its sweep is complete in --table1, else --cfg (3.0); each record
@@ -76,6 +76,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
 import fid  # noqa: E402
+import lab  # noqa: E402
 import mar  # noqa: E402
 import table1  # noqa: E402
 import tokenizer as tk  # noqa: E402
@@ -101,7 +102,7 @@ ROW_LOSS = {"mar16_diffusion": "Diff Loss", "mar16_ce": "CrossEnt"}      # Table
 # ------------------------------------------------------------------------------------------------
 def guidance(t1, t1_records, row, default):
     """(scale, source) for the w/ CFG curves: Table 1's choice for `row` once its sweep is complete."""
-    w = table1.best_cfg(t1, t1_records, row, **(table1.latest_key(t1_records, row=row, kind="sweep") or {}))
+    w = table1.best_cfg(t1, t1_records, row, **(lab.latest_key(t1_records, row=row, kind="sweep") or {}))
     return (w, f"table1 {row}") if w is not None else (default, "--cfg")
 
 
@@ -146,7 +147,7 @@ def on_curve(record, curve):
 # Training runs (Table 1's, and its run with other head widths)
 # ------------------------------------------------------------------------------------------------
 def training_spec(run, width):
-    """table1.ensure_trained's (name, extra, suffix) of a run at a head width: another width than the
+    """table1.run_spec's (name, extra, suffix) of a run at a head width: another width than the
     default is Table 1's run with train.py --diffloss_w, in its own directory."""
     return (run, (), "") if width == DEFAULT_W else (run, ("--diffloss_w", str(width)), f"_w{width}")
 
@@ -154,36 +155,36 @@ def training_spec(run, width):
 def load_run(path):
     """-> (model, tokenizer, what the records say about the run)."""
     model, ckpt = mar.load_checkpoint(path)
-    info = dict(table1.checkpoint_key(model, ckpt), train_time_s=table1.training_time(os.path.dirname(path)),
+    info = dict(lab.checkpoint_key(model, ckpt), train_time_s=lab.training_time(os.path.dirname(path)),
                 params=sum(p.numel() for p in model.parameters()),
                 head_params=sum(p.numel() for p in model.diffloss.parameters()))
     return model, tk.build_tokenizer(ckpt["tokenizer"]), info
 
 
 def measure_floor(args, t1, ev):
-    with table1.claim(args, kind="floor", n=args.num, seed=t1.seed) as mine:
+    with lab.claim(args, kind="floor", n=args.num, seed=t1.seed) as mine:
         if mine:
             train_feats = ev.features("train")[:args.num]      # balanced_subset is prefix-consistent (header)
-            table1.append_record(args.out, dict(kind="floor", n=args.num, seed=t1.seed, ref="test",
-                                                fid=fid.frechet_distance(*table1.stats(train_feats), *ev.ref("test"))),
-                                 who="ablations")
+            lab.append_record(args.out, dict(kind="floor", n=args.num, seed=t1.seed, ref="test",
+                                             fid=fid.frechet_distance(*lab.stats(train_feats), *ev.ref("test"))),
+                              who="ablations")
 
 
 def measure(args, t1, ev, runs, sweep, t1_records):
-    """Every point of the sweep that the JSONL lacks and no other process is measuring (table1.claim)."""
+    """Every point of the sweep that the JSONL lacks and no other process is measuring (lab.claim)."""
     for curve in curves(args, t1, t1_records, sweep):
         for x in curve["grid"]:
             p = point(curve, x)
             model, tokenizer, info = runs[p["run"], p["diffloss_w"]]
             key = dict(p, n=args.num, seed=t1.seed, precision=t1.precision, train_steps=info["train_steps"],
                        weights_sha=info["weights_sha"])
-            with table1.claim(args, kind="point", **key) as mine:
+            with lab.claim(args, kind="point", **key) as mine:
                 if not mine:
                     continue
                 model.diffloss.set_sampling_steps(p["num_sampling_steps"])
                 images, s_per_image = ev.sample(model, tokenizer, args.num, p["num_iter"], p["cfg"],
                                                 p["cfg_schedule"], p["temperature"])
-                table1.append_record(args.out, dict(
+                lab.append_record(args.out, dict(
                     key, kind="point", sweep=sweep, cfg_source=curve["cfg_source"] if p["cfg"] != 1.0 else None,
                     ref="test", fid=ev.fid(images, "test"), s_per_image=round(s_per_image, 4), batch=t1.batch,
                     threads=torch.get_num_threads(), **info), who="ablations")
@@ -255,15 +256,15 @@ def line_plot(path, series, title, xlabel, ylabel, logx=False, data_ticks=True, 
 
 def write_report(args, t1):
     """The PNGs and experiments/ablations.md from the JSONL as it is on disk (and Table 1's)."""
-    records, t1_records = table1.read_records(args.out), table1.read_records(args.table1)
+    records, t1_records = lab.read_records(args.out), lab.read_records(args.table1)
     points = [r for r in records if r["kind"] == "point" and r["n"] == args.num and r["seed"] == t1.seed]
-    floor = table1.find(records, kind="floor", n=args.num, seed=t1.seed)
+    floor = lab.find(records, kind="floor", n=args.num, seed=t1.seed)
     floor = floor[-1]["fid"] if floor else None
     first = points[0] if points else {}
     lines = ["# Ablations on Fashion-MNIST (experiments/ablations.py)", "",
              f"FID of N = {args.num} class-balanced samples vs the 10,000 test images: biased upward vs Table 1's "
              f"N = {t1.num_fid}, so compare within a plot. Floor (N = {args.num} training images vs the test set): "
-             f"FID {table1.fmt(floor)}. Default: MAR {MAR_STEPS} steps, {t1.num_sampling_steps} diffusion steps, "
+             f"FID {lab.fmt(floor)}. Default: MAR {MAR_STEPS} steps, {t1.num_sampling_steps} diffusion steps, "
              f"temperature 1.0, linear CFG, MLP 2 x {DEFAULT_W}. Sampling: fp32, batch {first.get('batch', '-')}, "
              f"{first.get('threads', '-')} thread(s), torch {first.get('torch', '-')}; s / image = generation only."]
     for i, (sweep, (title, xlabel, logx, data_ticks)) in enumerate(PLOTS.items()):
@@ -291,7 +292,7 @@ def write_report(args, t1):
             cells = [f"{x:g}"]
             for pts in per_curve:
                 r = pts.get(x)
-                cells += [table1.fmt(r and r["fid"]), table1.fmt(r and r["s_per_image"], 3)]
+                cells += [lab.fmt(r and r["fid"]), lab.fmt(r and r["s_per_image"], 3)]
             if sweep == "mlp":
                 r = next(pts[x] for pts in per_curve if x in pts)
                 cells += [f"{r['head_params'] / 1e6:.2f}M",
@@ -308,7 +309,7 @@ def write_report(args, t1):
 
 def tokenizer_table(t1, t1_records):
     """Table 2's question on Table 1's records: the tokenizer's reconstruction beside the generation FID."""
-    tokens = {t["tokens"]: t for t in table1.find(t1_records, row="tokens")}        # the latest of each
+    tokens = {t["tokens"]: t for t in lab.find(t1_records, row="tokens")}        # the latest of each
     lines = [f"Generation: FID of Table 1 (N = {t1.num_fid} vs the 10k test images, MAR {MAR_STEPS} steps); "
              "the VQ tokenizer is k-means over raw 4x4 pixel patches, so its pre-quantization continuous tokens "
              "are the pixel tokens: Diffusion Loss on them is the first row.", "",
@@ -316,16 +317,16 @@ def tokenizer_table(t1, t1_records):
              "|---|---|---|---|---|---|---|"]
     for row, name, label in (("mar16_diffusion", "pixel", "pixel patches = VQ pre-quantization (continuous)"),
                              ("mar16_ce", f"vq{t1.vq}", f"VQ-{t1.vq} codes (discrete)")):
-        finals = table1.find(t1_records, row=row, kind="final", n=t1.num_fid, **table1.setting(t1))
-        key = table1.latest_key(finals) or {}                    # Table 1's latest weights of the row
-        finals = table1.find(finals, **key)
+        finals = lab.find(t1_records, row=row, kind="final", n=t1.num_fid, **lab.setting(t1))
+        key = lab.latest_key(finals) or {}                    # Table 1's latest weights of the row
+        finals = lab.find(finals, **key)
         plain = [r for r in finals if r["cfg"] == 1.0]
         w = table1.best_cfg(t1, t1_records, row, **key)
         guided = [r for r in finals if r["cfg"] == w]
         t = tokens.get(name)
-        cells = [label, ROW_LOSS[row], table1.fmt(t and t["mse"], 4),
-                 "-" if t is None else ("exact" if t["psnr_db"] is None else table1.fmt(t["psnr_db"])),
-                 table1.fmt(t and t["rfid"]), table1.fmt(plain[-1]["fid"] if plain else None),
+        cells = [label, ROW_LOSS[row], lab.fmt(t and t["mse"], 4),
+                 "-" if t is None else ("exact" if t["psnr_db"] is None else lab.fmt(t["psnr_db"])),
+                 lab.fmt(t and t["rfid"]), lab.fmt(plain[-1]["fid"] if plain else None),
                  f"{guided[-1]['fid']:.2f} ({w:g})" if guided else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -388,11 +389,12 @@ def main(argv=None, inception=None):
     t1 = table1_args(args)
     measured = [s for s in args.sweeps if s != "tokenizers"]
     if not args.plots_only and measured:
-        ev = table1.Evaluator(t1, inception)
-        t1_records = table1.read_records(args.table1)
+        ev = lab.Evaluator(t1, inception)
+        t1_records = lab.read_records(args.table1)
         needed = {(point(c, x)["run"], point(c, x)["diffloss_w"])
                   for s in measured for c in curves(args, t1, t1_records, s) for x in c["grid"]}
-        paths = table1.train_all(t1, {key: training_spec(*key) for key in sorted(needed)}, len(ev.train_set))
+        paths = lab.train_all({key: table1.run_spec(t1, *training_spec(*key)) for key in sorted(needed)},
+                              len(ev.train_set))
         runs = {key: load_run(path) for key, path in paths.items()}                     # train first, then measure
         measure_floor(args, t1, ev)
         for sweep in measured:

@@ -19,7 +19,7 @@ checkpoint; two shells with OMP_NUM_THREADS=1 share the runs and points through 
 Cost: 937.5 steps per epoch; measured on one thread each, two runs side by side, AR raster takes ~2.2 s
 per step and the recipe's MAR ~1.0-1.3 s (its uniform mask law leaves half the tokens to the head, which
 runs on masked tokens only): 16 epochs are ~9 and ~5 hours of one core. A killed run resumes from its
-last checkpoint (every 200 steps) once its files are 10 minutes old (table1.RUNNING_S).
+last checkpoint (every 200 steps) once its files are 10 minutes old (lab.RUNNING_S).
 
 Protocol: FID of --num (1,000) class-balanced samples against the 10,000 test images at every budget
 (and --num_final, 5,000, at the longest one measured), w/o CFG and w/ CFG at each model's fixed
@@ -46,6 +46,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
+import lab  # noqa: E402
 import mar  # noqa: E402
 import recipe  # noqa: E402
 import table1  # noqa: E402
@@ -71,10 +72,10 @@ def sweep_key(t1, records, label, n_train):
     the curve keeps sampling with the choice it had."""
     row, steps = MODELS[label][2], steps_at(t1, label, TABLE1_EPOCHS, n_train)
     keys = [{k: r.get(k) for k in ("train_steps", "weights_sha")}
-            for r in table1.find(records, row=row, kind="sweep", train_steps=steps)]
+            for r in lab.find(records, row=row, kind="sweep", train_steps=steps)]
     snap = snapshot(curve_dir(t1, label), TABLE1_EPOCHS)
     if os.path.exists(snap):
-        keys.append(table1.checkpoint_key(*mar.load_checkpoint(snap)))          # preferred: tried first
+        keys.append(lab.checkpoint_key(*mar.load_checkpoint(snap)))          # preferred: tried first
     return next((key for key in reversed(keys) if table1.best_cfg(t1, records, row, **key) is not None), None)
 
 
@@ -83,7 +84,7 @@ def guided_settings(t1, label, n_train, models):
     from Table 1's sweeps of its row at 2 epochs (sweep_key). Always "cfg sweep": the CFG sweep's scale at
     temperature 1.0; and "joint sweep": the joint CFG / temperature sweep's choice, once every model of the
     curve (`models`) has one, so that no line gets a sampler tuned more than the others'. Each is a line."""
-    records = table1.read_records(t1.out)
+    records = lab.read_records(t1.out)
 
     def choices(lab):
         row, key = MODELS[lab][2], sweep_key(t1, records, lab, n_train)
@@ -104,7 +105,7 @@ def sampler_of(record):
 
 
 def curve_suffix(label):
-    return "_curve" + table1.flag_suffix(MODELS[label][1])
+    return "_curve" + lab.flag_suffix(MODELS[label][1])
 
 
 def curve_dir(t1, label):
@@ -115,7 +116,7 @@ def steps_at(t1, label, epochs, n_train):
     """The step train.py stops at for `label` trained to `epochs`."""
     name, flags, _ = MODELS[label]
     argv = table1.train_argv(t1, name) + list(flags) + ["--epochs", str(epochs)]
-    return table1.total_steps(train.get_args(argv), n_train)
+    return lab.total_steps(train.get_args(argv), n_train)
 
 
 def snapshot(run_dir, epochs):
@@ -127,14 +128,14 @@ def run_sha(run_dir):
     retrained from scratch is another training (not bitwise the same on another machine), whose points
     make another line: a curve's points all come from one run."""
     first = min(f for f in os.listdir(run_dir) if f.startswith("checkpoint-ep"))
-    return table1.weights_sha(mar.load_checkpoint(os.path.join(run_dir, first))[0])
+    return lab.weights_sha(mar.load_checkpoint(os.path.join(run_dir, first))[0])
 
 
 def seed_from_table1(t1, label, n_train):
     """Start the curve's run from Table 1's finished 2-epoch run (the same run; saves its 2 epochs):
     table1.py's run, or recipe.py's candidate run for the recipe."""
     name, flags, _ = MODELS[label]
-    src, dst = table1.run_dir(t1, name, table1.flag_suffix(flags)), curve_dir(t1, label)
+    src, dst = table1.run_dir(t1, name, lab.flag_suffix(flags)), curve_dir(t1, label)
     ckpt = os.path.join(src, "checkpoint-last.pth")
     if os.path.exists(dst) or not os.path.exists(ckpt) or \
             tk.torch_load(ckpt)["step"] != steps_at(t1, label, TABLE1_EPOCHS, n_train):
@@ -160,7 +161,8 @@ def train_to(t1, label, epochs, n_train):
         if step > steps_at(t1, label, epochs, n_train):
             raise RuntimeError(f"{d} is past {epochs} epochs (step {step}) but has no {os.path.basename(snap)}: "
                                "budgets must be trained in increasing order; remove the run to redo it")
-    path = table1.ensure_trained(t1, name, n_train, list(flags) + ["--epochs", str(epochs)], curve_suffix(label))
+    path = lab.ensure_trained(*table1.run_spec(t1, name, list(flags) + ["--epochs", str(epochs)], curve_suffix(label)),
+                              n_train)
     if path is not None:
         shutil.copy2(path, snap + ".tmp")
         os.replace(snap + ".tmp", snap)
@@ -179,19 +181,19 @@ def measure(args, t1, ev, label, epochs, path, n):
     for sampler, (cfg, temperature) in [("none", (1.0, 1.0))] + guided_settings(t1, label, len(ev.train_set),
                                                                                  args.models):
         point = dict(model=label, epochs=epochs, cfg=cfg, temperature=temperature, n=n, seed=t1.seed,
-                     precision=t1.precision, **table1.checkpoint_key(model, ckpt))
-        with table1.claim(args, **point) as mine:
+                     precision=t1.precision, **lab.checkpoint_key(model, ckpt))
+        with lab.claim(args, **point) as mine:
             if mine:
                 images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg, "linear", temperature)
-                table1.append_record(args.out, dict(point, sampler=sampler, run_sha=run, ref="test",
-                                                    fid=ev.fid(images, "test"), s_per_image=round(s_per_image, 4)),
-                                     who="curve")
-        done = table1.find(table1.read_records(args.out), **point)
+                lab.append_record(args.out, dict(point, sampler=sampler, run_sha=run, ref="test",
+                                                 fid=ev.fid(images, "test"), s_per_image=round(s_per_image, 4)),
+                                  who="curve")
+        done = lab.find(lab.read_records(args.out), **point)
         if done and not any(sampler_of(r) == sampler for r in done):
             # both sweeps chose this setting (a joint sweep that kept temperature 1.0): the same images, so
             # the point is recorded again for the other line, not measured again
-            table1.append_record(args.out, dict(done[-1], sampler=sampler, copied_from=done[-1]["time"]),
-                                 who="curve")
+            lab.append_record(args.out, dict(done[-1], sampler=sampler, copied_from=done[-1]["time"]),
+                              who="curve")
         write_report(args)
 
 
@@ -292,7 +294,7 @@ def runs_of(records, label):
 
 
 def write_report(args):
-    every = table1.read_records(args.out)
+    every = lab.read_records(args.out)
     records = [r for r in every if r["n"] == args.num]
     header = ["| model | epochs | steps | FID w/o CFG | FID w/ CFG (scale, T 1) | FID w/ CFG, tuned T (scale, T) |",
               "|---|---|---|---|---|---|"]
@@ -304,7 +306,7 @@ def write_report(args):
     kind = {}                                                       # a line's name -> its suffix
     cell = lambda r: "-" if r is None else f"{r['fid']:.2f} ({r['cfg']:g}, {r['temperature']:g})"
     row = lambda label, e, p: (f"| {label} | {e:g} | {next(iter(p.values()))['train_steps']} | "
-                               f"{table1.fmt(p.get('none') and p['none']['fid'])} | {cell(p.get('cfg sweep'))} | "
+                               f"{lab.fmt(p.get('none') and p['none']['fid'])} | {cell(p.get('cfg sweep'))} | "
                                f"{cell(p.get('joint sweep'))} |")
     for label in MODELS:
         runs, shown = runs_of(records, label)
@@ -394,7 +396,7 @@ def main(argv=None, inception=None):
         print(open(args.table).read())
         return
     t1 = table1.get_args(shlex.split(args.table1_args) + ["--runs_dir", args.runs_dir])
-    ev = table1.Evaluator(t1, inception)
+    ev = lab.Evaluator(t1, inception)
     n_train = len(ev.train_set)
     for label in args.models:
         seed_from_table1(t1, label, n_train)
@@ -414,7 +416,7 @@ def main(argv=None, inception=None):
         else:
             heads = [f"{lab} at {e:g} epochs" for e, lab in todo if not any(f < e for f, m in todo if m == lab)]
             print(f"curve: waiting for {', '.join(heads)} (other processes train them)", flush=True)
-            table1.time.sleep(30)
+            lab.time.sleep(30)
     if not args.train_only:
         for label in args.models:
             measure(args, t1, ev, label, args.budgets[-1], snapshot(curve_dir(t1, label), args.budgets[-1]),

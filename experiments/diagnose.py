@@ -37,8 +37,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
+import lab  # noqa: E402
 import mar  # noqa: E402
-import table1  # noqa: E402
 import tokenizer as tk  # noqa: E402
 from diffloss import NUM_TRAIN_STEPS  # noqa: E402
 from ablations import line_plot  # noqa: E402
@@ -224,9 +224,9 @@ def read_records(path):
 
 
 def test_tokens(args, tokenizer):
-    """The first --num images of a class-balanced order of the test set (table1.balanced_subset) as tokens."""
+    """The first --num images of a class-balanced order of the test set (lab.balanced_subset) as tokens."""
     test = tk.load_fashion_mnist(args.data_path or tk.FASHION_MNIST_DIR, "test")
-    idx = table1.balanced_subset(test.labels, args.num, args.seed)
+    idx = lab.balanced_subset(test.labels, args.num, args.seed)
     x = torch.from_numpy(test.images[idx].numpy()).permute(0, 3, 1, 2).float() / 127.5 - 1
     return tokenizer.encode(x), test.labels[idx].long()
 
@@ -234,7 +234,7 @@ def test_tokens(args, tokenizer):
 def measure(args, label, path):
     """Every diagnostic of one checkpoint that the JSONL does not have yet at these settings."""
     model, ckpt = mar.load_checkpoint(path, args.key)
-    key = dict(model=label, **table1.checkpoint_key(model, ckpt), weights=args.key, num=args.num, seed=args.seed)
+    key = dict(model=label, **lab.checkpoint_key(model, ckpt), weights=args.key, num=args.num, seed=args.seed)
     setting = {"known": {} if isinstance(model, mar.MAR) else dict(ar_repeats=args.ar_repeats), "pos": {},
                "attention": dict(attn_known=args.attn_known)}
     have = read_records(args.out)

@@ -32,10 +32,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
+import lab  # noqa: E402
 import mar  # noqa: E402
 import sample  # noqa: E402
-import tokenizer as tk  # noqa: E402
 import table1  # noqa: E402
+import tokenizer as tk  # noqa: E402
 
 # name -> (table1.RUNS run, MAR steps or None (AR: one token per step), CFG scale: the row's Table 1 choice)
 MODELS = {"mar_recipe": ("mar_diffusion_recipe", 16, 6.0), "ar_raster": ("ar_diffusion", None, 3.0)}
@@ -43,7 +44,7 @@ PRECISIONS = sample.PRECISIONS[1:]                  # fp32, bf16
 
 
 def training_spec(name, precision):
-    """table1.ensure_trained's (run, extra train.py flags, directory suffix). The flag overrides the --precision
+    """table1.run_spec's (run, extra train.py flags, directory suffix). The flag overrides the --precision
     fp32 that table1.train_argv passes (argparse keeps the last)."""
     return MODELS[name][0], ("--precision", precision), "_" + precision
 
@@ -54,21 +55,21 @@ def measure(args, t1, ev, name, train_precision, path):
     model.diffloss.set_sampling_steps(t1.num_sampling_steps)
     tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
     for precision in PRECISIONS:
-        point = dict(model=name, cfg=cfg, n=args.num, **{**table1.setting(t1), "precision": precision},
-                     **table1.checkpoint_key(model, ckpt))                  # precision: the sampling one here
-        with table1.claim(args, **point) as mine:
+        point = dict(model=name, cfg=cfg, n=args.num, **{**lab.setting(t1), "precision": precision},
+                     **lab.checkpoint_key(model, ckpt))                  # precision: the sampling one here
+        with lab.claim(args, **point) as mine:
             if mine:
                 images, s_per_image = ev.sample(model, tokenizer, args.num, num_iter, cfg, precision=precision)
-                table1.append_record(args.out, dict(
+                lab.append_record(args.out, dict(
                     point, run=run, train_precision=train_precision, num_iter=num_iter or table1.SEQ_LEN,
                     temperature=1.0, ref="train", fid=ev.fid(images, "train"), s_per_image=round(s_per_image, 4),
                     batch=t1.batch, threads=torch.get_num_threads(),
-                    train_time_s=table1.training_time(os.path.dirname(path))), who="precision")
+                    train_time_s=lab.training_time(os.path.dirname(path))), who="precision")
                 write_table(args)
 
 
 def write_table(args):
-    records = [r for r in table1.read_records(args.out) if r["n"] == args.num]
+    records = [r for r in lab.read_records(args.out) if r["n"] == args.num]
     lines = [f"FID of {args.num} samples vs the training-set reference (temperature 1.0, each row's Table 1 CFG "
              "scale; lower is better), by the precision of training (rows) and of sampling (columns). Written by "
              "experiments/precision.py from experiments/precision.jsonl.", "",
@@ -76,13 +77,13 @@ def write_table(args):
              "|---|---|---|---|---|---|"]
     for name, (run, num_iter, cfg) in MODELS.items():
         for tp in PRECISIONS:
-            mine = table1.find(records, model=name, train_precision=tp)
-            key = table1.latest_key(mine)                        # the latest weights measured
+            mine = lab.find(records, model=name, train_precision=tp)
+            key = lab.latest_key(mine)                        # the latest weights measured
             if key is None:
                 lines.append(f"| {name} | {cfg:g} | {tp} | not measured yet | - | - |")
                 continue
-            by = {r["precision"]: r for r in table1.find(mine, **key)}
-            cell = lambda p: table1.fmt(by[p]["fid"]) if p in by else "-"
+            by = {r["precision"]: r for r in lab.find(mine, **key)}
+            cell = lambda p: lab.fmt(by[p]["fid"]) if p in by else "-"
             lines.append(f"| {name} | {cfg:g} | {tp} | {cell('fp32')} | {cell('bf16')} | {key['weights_sha']} |")
     first = records[:1]
     if first:
@@ -125,12 +126,12 @@ def main(argv=None, inception=None):
                          + (["--max_steps", str(args.max_steps)] if args.max_steps else []))
     if not 2 <= args.num <= t1.num_fid:
         raise ValueError(f"--num must be in 2..{t1.num_fid} (the training-set reference holds --num_fid images)")
-    ev = table1.Evaluator(t1, inception)
-    # Each run is measured as soon as it is trained (table1.train_all would wait for all four first).
+    ev = lab.Evaluator(t1, inception)
+    # Each run is measured as soon as it is trained (lab.train_all would wait for all four first).
     pending = {(m, p): training_spec(m, p) for m in args.models for p in PRECISIONS}
     while pending:
         for (name, precision), spec in list(pending.items()):
-            path = table1.ensure_trained(t1, spec[0], len(ev.train_set), *spec[1:])
+            path = lab.ensure_trained(*table1.run_spec(t1, *spec), len(ev.train_set))
             if path is not None:
                 measure(args, t1, ev, name, precision, path)
                 del pending[name, precision]

@@ -37,9 +37,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
+import lab  # noqa: E402
 import mar  # noqa: E402
-import tokenizer as tk  # noqa: E402
 import table1  # noqa: E402
+import tokenizer as tk  # noqa: E402
 
 RUN = "mar_diffusion"                     # table1.RUNS: the run every candidate varies
 MAR_STEPS = table1.ROWS["mar16_diffusion"][1]
@@ -64,8 +65,8 @@ CHOSEN = "uniform_sincos_dropout0"
 
 
 def training_spec(name):
-    """table1.ensure_trained's (run, extra flags, directory suffix) of a candidate."""
-    return RUN, CANDIDATES[name][0], table1.flag_suffix(CANDIDATES[name][0])
+    """table1.run_spec's (run, extra flags, directory suffix) of a candidate."""
+    return RUN, CANDIDATES[name][0], lab.flag_suffix(CANDIDATES[name][0])
 
 
 def measure(args, t1, ev, name, path):
@@ -75,19 +76,19 @@ def measure(args, t1, ev, name, path):
     tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
     for cfg in (1.0, args.cfg):
         point = dict(candidate=name, cfg=cfg, n=args.num, seed=t1.seed, precision=t1.precision,
-                     **table1.checkpoint_key(model, ckpt))
-        with table1.claim(args, **point) as mine:
+                     **lab.checkpoint_key(model, ckpt))
+        with lab.claim(args, **point) as mine:
             if mine:
                 images, s_per_image = ev.sample(model, tokenizer, args.num, MAR_STEPS, cfg)
-                table1.append_record(args.out, dict(
+                lab.append_record(args.out, dict(
                     point, flags=" ".join(flags), weights=key, num_iter=MAR_STEPS, temperature=1.0, ref="train",
                     fid=ev.fid(images, "train"), s_per_image=round(s_per_image, 4),
-                    train_time_s=table1.training_time(os.path.dirname(path))), who="recipe")
+                    train_time_s=lab.training_time(os.path.dirname(path))), who="recipe")
                 write_table(args)
 
 
 def write_table(args):
-    records = [r for r in table1.read_records(args.out) if r["n"] == args.num]
+    records = [r for r in lab.read_records(args.out) if r["n"] == args.num]
     lines = [f"FID of {args.num} samples vs the training-set reference (MAR, {MAR_STEPS} steps, temperature 1.0; "
              "lower is better). Written by experiments/recipe.py from experiments/recipe.jsonl.", "",
              f"| candidate | train.py flags | weights | FID w/o CFG | FID w/ CFG {args.cfg:g} | train steps | train time |",
@@ -95,21 +96,21 @@ def write_table(args):
     header = lines[-2:]
 
     def row(name, key):
-        by_cfg = {r["cfg"]: r for r in table1.find(records, candidate=name, **key)}
+        by_cfg = {r["cfg"]: r for r in lab.find(records, candidate=name, **key)}
         plain, guided = by_cfg.get(1.0), by_cfg.get(args.cfg)
         r = plain or guided
-        return (f"| {name} | {r['flags'] or '-'} | {r['weights']} | {table1.fmt(plain and plain['fid'])} | "
-                f"{table1.fmt(guided and guided['fid'])} | {r['train_steps']} | {r['train_time_s'] / 60:.0f} min |")
+        return (f"| {name} | {r['flags'] or '-'} | {r['weights']} | {lab.fmt(plain and plain['fid'])} | "
+                f"{lab.fmt(guided and guided['fid'])} | {r['train_steps']} | {r['train_time_s'] / 60:.0f} min |")
 
     others = []
     for name in CANDIDATES:
-        key = table1.latest_key(records, candidate=name)           # the candidate's latest weights measured
+        key = lab.latest_key(records, candidate=name)           # the candidate's latest weights measured
         if key is None:
             lines.append(f"| {name} | {' '.join(CANDIDATES[name][0]) or '-'} | {CANDIDATES[name][1]} | "
                          "not measured yet | - | - | - |")
             continue
         lines.append(row(name, key))
-        earlier = {(r["train_steps"], r.get("weights_sha")) for r in table1.find(records, candidate=name)}
+        earlier = {(r["train_steps"], r.get("weights_sha")) for r in lab.find(records, candidate=name)}
         others += [row(name, dict(train_steps=s, weights_sha=w)) for s, w in sorted(earlier, key=str)
                    if (s, w) != (key["train_steps"], key["weights_sha"])]
     if others:    # a run lost and trained again (another machine, another float order) is another run
@@ -153,9 +154,9 @@ def main(argv=None, inception=None):
                          + (["--max_steps", str(args.max_steps)] if args.max_steps else []))
     if not 2 <= args.num <= t1.num_fid:
         raise ValueError(f"--num must be in 2..{t1.num_fid} (the training-set reference holds --num_fid images)")
-    ev = table1.Evaluator(t1, inception)
+    ev = lab.Evaluator(t1, inception)
     specs = {name: training_spec(name) for name in args.candidates}
-    paths = table1.train_all(t1, {spec: spec for spec in set(specs.values())}, len(ev.train_set))
+    paths = lab.train_all({spec: table1.run_spec(t1, *spec) for spec in set(specs.values())}, len(ev.train_set))
     if args.train_only:
         return
     for name in args.candidates:

@@ -35,8 +35,9 @@ import diagnose  # noqa: E402
 import fid_speed  # noqa: E402
 import flop_bound  # noqa: E402
 import head_ceiling  # noqa: E402
-import masked_rows  # noqa: E402
+import lab  # noqa: E402
 import mar  # noqa: E402
+import masked_rows  # noqa: E402
 import precision  # noqa: E402
 import precision_speed  # noqa: E402
 import recipe  # noqa: E402
@@ -148,9 +149,9 @@ def test_table1_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     assert "| MAR | random | bidirect | 1 | Diff Loss | not measured yet | - | - | 3.43, 1.84 |" in table.read_text()
     # a process beside this one measures the CFG-2 sweep point: it is skipped, so the FID w/ CFG waits too
     ckpt_path = str(runs / "t1_mar_tiny_ce" / "checkpoint-last.pth")
-    sha = table1.weights_sha(mar.load_checkpoint(ckpt_path)[0])
-    lock = table1.measurement_lock(table1.get_args(argv), row="mar16_ce", kind="sweep", cfg=2.0, n=2, train_steps=2,
-                                   weights_sha=sha, seed=0, num_sampling_steps=2, precision="fp32")
+    sha = lab.weights_sha(mar.load_checkpoint(ckpt_path)[0])
+    lock = lab.measurement_lock(table1.get_args(argv), row="mar16_ce", kind="sweep", cfg=2.0, n=2, train_steps=2,
+                                weights_sha=sha, seed=0, num_sampling_steps=2, precision="fp32")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     open(lock, "w").write(str(holder.pid))
     table1.main(argv, inception=features)
@@ -166,8 +167,8 @@ def test_table1_end_to_end_tiny(tmp_path, fashion_stand_in, features):
                                                      ("mar16_ce", "sweep"), ("mar16_ce", "final")]
     pixel, vq = rows[1], rows[2]
     assert pixel["tokens"] == "pixel" and pixel["mse"] == 0 and pixel["psnr_db"] is None and vq["tokens"] == "vq8" and vq["mse"] > 0
-    ev = table1.Evaluator(table1.get_args(argv), features)       # exact pixel tokens reuse the cached features
-    assert pixel["rfid"] == pytest.approx(ev.fid(table1.uint8_images(ev.test_set, ev.test_index()), "test"))
+    ev = lab.Evaluator(table1.get_args(argv), features)       # exact pixel tokens reuse the cached features
+    assert pixel["rfid"] == pytest.approx(ev.fid(lab.uint8_images(ev.test_set, ev.test_index()), "test"))
     final = rows[3]
     assert (final["cfg"], final["n"], final["ref"], final["num_iter"], final["tokens"]) == (1.0, 4, "test", 16, "vq8")
     assert final["train_steps"] == 2 and final["s_per_image"] > 0 and final["fid"] > 0
@@ -188,7 +189,7 @@ def test_table1_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     ckpt = T.torch_load(ckpt_path)
     ckpt["model_ema"]["z_proj.bias"][0] += 1.0
     train.save_checkpoint(ckpt_path, ckpt)
-    sha2 = table1.weights_sha(mar.load_checkpoint(ckpt_path)[0])
+    sha2 = lab.weights_sha(mar.load_checkpoint(ckpt_path)[0])
     table1.main(argv, inception=features)
     again = [json.loads(line) for line in out.read_text().splitlines()][len(rows):]
     assert sha2 != sha and [(r["kind"], r["weights_sha"], r["train_steps"]) for r in again] == \
@@ -213,7 +214,7 @@ def test_table1_runs(tmp_path):
     # the recipe row trains recipe.py's choice, in the directory of recipe.py's run of it (reused)
     flags = recipe.CANDIDATES[recipe.CHOSEN][0]
     assert table1.RUNS["mar_diffusion_recipe"][3] == flags
-    assert table1.run_dir(args, "mar_diffusion_recipe") == table1.run_dir(args, recipe.RUN, table1.flag_suffix(flags))
+    assert table1.run_dir(args, "mar_diffusion_recipe") == table1.run_dir(args, recipe.RUN, lab.flag_suffix(flags))
     assert curve.MODELS["MAR recipe"] == (recipe.RUN, flags, "mar16_diffusion_recipe")
     # the AR raster control takes the recipe's dropout and nothing else: it differs from AR raster's run
     # in that one argument, set to the recipe's value
@@ -230,7 +231,7 @@ def test_table1_joint_choice():
     tuned" column must not show it as tuned)."""
     args = table1.get_args(["--cfg_grid", "1.5,2,3,4", "--temperature_grid", "0.8"])
     fid = {(1.5, 1.0): 9, (2, 1.0): 7, (3, 1.0): 5, (4, 1.0): 6, (2, 0.8): 4.5, (3, 0.8): 4.9, (4, 0.8): 8}
-    rec = lambda c, t: dict(row="r", kind="sweep", n=args.num_sweep, cfg=float(c), fid=fid[c, t], **table1.setting(args),
+    rec = lambda c, t: dict(row="r", kind="sweep", n=args.num_sweep, cfg=float(c), fid=fid[c, t], **lab.setting(args),
                             **({} if t == 1.0 else {"temperature": t}))
     records = [rec(*p) for p in fid]
     assert table1.best_cfg(args, records, "r") == 3.0
@@ -246,14 +247,14 @@ def test_table1_report_keeps_trainings_apart(tmp_path):
     args = table1.get_args(["--runs_dir", str(tmp_path), "--out", str(tmp_path / "t.jsonl"),
                             "--table", str(tmp_path / "t.md"), "--cfg_grid", "2,4,6", "--temperature_grid", ""])
     common = dict(row="mar16_diffusion", run="mar_diffusion", num_iter=16, train_steps=10, params=1, head_params=1,
-                  batch=1, threads=1, train_time_s=60, s_per_image=0.1, **table1.setting(args))
+                  batch=1, threads=1, train_time_s=60, s_per_image=0.1, **lab.setting(args))
     old, new = dict(weights_sha="aaa"), dict(weights_sha="bbb")
     for key, fids in [(old, {2.0: 50.0, 4.0: 40.0, 6.0: 44.0}), (new, {2.0: 30.0, 4.0: 35.0, 6.0: 36.0})]:
         for cfg, f in fids.items():
-            table1.append_record(args.out, dict(common, **key, kind="sweep", cfg=cfg, n=args.num_sweep, fid=f))
+            lab.append_record(args.out, dict(common, **key, kind="sweep", cfg=cfg, n=args.num_sweep, fid=f))
         if key is old:
             for cfg, f in [(1.0, 45.0), (4.0, 41.0)]:
-                table1.append_record(args.out, dict(common, **key, kind="final", cfg=cfg, n=args.num_fid, fid=f))
+                lab.append_record(args.out, dict(common, **key, kind="final", cfg=cfg, n=args.num_fid, fid=f))
     table1.write_table(args)
     text = (tmp_path / "t.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| MAR | random | bidirect | >1 (16 steps) | Diff"))
@@ -269,22 +270,22 @@ def test_table1_locks(tmp_path, monkeypatch):
     are computed once, a second process waits for the file instead of computing them again; a run
     another process trains is left to it."""
     lock = str(tmp_path / "x.lock")
-    assert table1.take_lock(lock) and open(lock).read() == str(os.getpid())
-    assert not table1.take_lock(lock)                             # held by a running process (this one)
+    assert lab.take_lock(lock) and open(lock).read() == str(os.getpid())
+    assert not lab.take_lock(lock)                             # held by a running process (this one)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     open(lock, "w").write(dead.stdout.strip())
-    assert table1.take_lock(lock)                                 # its process is gone
+    assert lab.take_lock(lock)                                 # its process is gone
     open(lock, "w").write("")
-    assert not table1.take_lock(lock)                             # pid still being written
+    assert not lab.take_lock(lock)                             # pid still being written
     os.utime(lock, (time.time() - 120,) * 2)
-    assert table1.take_lock(lock)
+    assert lab.take_lock(lock)
 
     args = argparse.Namespace(runs_dir=str(tmp_path), fid_batch=2)
     path = tmp_path / "t1_cache" / "features_ref.npy"
     path.parent.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])   # "another process"
-    naps = []   # table1.py's clock: a waiting process polls every 5 s; here it naps 0.05 s and notes it
-    monkeypatch.setattr(table1, "time", argparse.Namespace(
+    naps = []   # lab.py's clock: a waiting process polls every 5 s; here it naps 0.05 s and notes it
+    monkeypatch.setattr(lab, "time", argparse.Namespace(
         time=time.time, sleep=lambda s: naps.append(s) or time.sleep(0.05)))
     try:
         open(str(path) + ".lock", "w").write(str(holder.pid))
@@ -292,11 +293,11 @@ def test_table1_locks(tmp_path, monkeypatch):
         tmp = tmp_path / "done.npy"
         np.save(tmp, feats)
         threading.Timer(0.2, lambda: os.replace(tmp, path)).start()  # it finishes a moment later
-        got = table1.cached_features(args, "ref", lambda: pytest.fail("computed twice"), None)
+        got = lab.cached_features(args, "ref", lambda: pytest.fail("computed twice"), None)
         assert np.array_equal(got, feats) and naps                  # it waited for the file
         t1 = table1.get_args(["--runs_dir", str(tmp_path)])             # a run another process trains: not now
         open(table1.run_dir(t1, "mar_ce") + ".lock", "w").write(str(holder.pid))
-        assert table1.ensure_trained(t1, "mar_ce", 100) is None and not os.path.exists(table1.run_dir(t1, "mar_ce"))
+        assert lab.ensure_trained(*table1.run_spec(t1, "mar_ce"), 100) is None and not os.path.exists(table1.run_dir(t1, "mar_ce"))
     finally:
         holder.kill()
 
@@ -320,22 +321,22 @@ def test_ablations_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_in, feat
     shared = ["--runs_dir", str(runs), "--batch", "4", "--max_steps", "2"]
     table1.main(["--rows", "mar16_diffusion,tokens", "--out", str(t1_out), "--table", str(tmp_path / "t1.md")]
                 + t1_flags + shared, inception=features)
-    t1_records = table1.read_records(str(t1_out))
+    t1_records = lab.read_records(str(t1_out))
     w = table1.best_cfg(table1.get_args(t1_flags), t1_records, "mar16_diffusion")
     assert w in (2.0, 3.0)
 
-    seen, real = [], table1.generate                 # what the sampler receives
+    seen, real = [], lab.generate                 # what the sampler receives
     def spy(model, tokenizer, labels, g, num_iter, cfg, cfg_schedule, temperature, precision):
         seen.append((model.diffloss.net.input_proj.out_features, model.diffloss.num_sampling_steps,
                      num_iter if isinstance(model, MAR) else 49, temperature, cfg, cfg_schedule))
         assert precision == "fp32"                   # table1.py's --precision default: its tables' protocol
         return real(model, tokenizer, labels, g, num_iter, cfg, cfg_schedule, temperature, precision)
-    monkeypatch.setattr(table1, "generate", spy)
+    monkeypatch.setattr(lab, "generate", spy)
     argv = ["--out", str(out), "--table", str(md), "--plots_dir", str(plots), "--table1", str(t1_out),
             "--table1_args", shlex.join(t1_flags), "--num", "4", "--steps_grid", "2,3", "--temperature_grid", "0.5,1",
             "--cfg_grid", "2", "--widths", "256,24", "--num_iter_grid", "4,16"] + shared
     ablations.main(argv, inception=features)
-    floor, *points = table1.read_records(str(out))
+    floor, *points = lab.read_records(str(out))
     keys = ("run", "diffloss_w", "num_sampling_steps", "num_iter", "temperature", "cfg", "cfg_schedule")
     settings = lambda r: tuple(r[k] for k in keys)
     M = "mar_diffusion"
@@ -363,10 +364,10 @@ def test_ablations_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_in, feat
     assert source[M, 256, 2, 16, 1.0, 2.0, "constant"] == "--cfg_grid"
     assert source["ar_diffusion", 256, 2, 49, 1.0, 3.0, "linear"] == "--cfg"    # Table 1 has no AR row here: --cfg
     # the floor: N class-balanced training images, the first N of Table 1's reference subset
-    ev = table1.Evaluator(table1.get_args(t1_flags + shared), features)
+    ev = lab.Evaluator(table1.get_args(t1_flags + shared), features)
     labels = ev.train_set.labels
-    assert torch.equal(table1.balanced_subset(labels, 4, 0), table1.balanced_subset(labels, 8, 0)[:4])
-    train4 = table1.uint8_images(ev.train_set, table1.balanced_subset(labels, 4, 0))
+    assert torch.equal(lab.balanced_subset(labels, 4, 0), lab.balanced_subset(labels, 8, 0)[:4])
+    train4 = lab.uint8_images(ev.train_set, lab.balanced_subset(labels, 4, 0))
     assert (floor["kind"], floor["n"]) == ("floor", 4)
     assert floor["fid"] == pytest.approx(ev.fid(train4, "test"), rel=1e-5)
     # the report: every study, a plot of each measured one, Table 1's numbers in the tokenizer table
@@ -385,7 +386,7 @@ def test_ablations_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_in, feat
     # all done: nothing trained or measured again; --plots-only rebuilds the same files from the JSONL
     log, pngs = (runs / "t1_ar_tiny_diffusion.log").read_text(), {p.name: p.read_bytes() for p in plots.iterdir()}
     ablations.main(argv, inception=features)
-    assert len(table1.read_records(str(out))) == 1 + len(points) and len(seen) == len(points)
+    assert len(lab.read_records(str(out))) == 1 + len(points) and len(seen) == len(points)
     assert (runs / "t1_ar_tiny_diffusion.log").read_text() == log
     md.unlink()
     for p in plots.iterdir():
@@ -733,7 +734,7 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
 
     def no_wait(_):
         raise TimeoutError("waited")
-    monkeypatch.setattr(table1.time, "sleep", no_wait)
+    monkeypatch.setattr(lab.time, "sleep", no_wait)
     with pytest.raises(TimeoutError):
         curve.main(argv + ["--models", "AR raster,MAR paper", "--budgets", "2,4,6", "--train_only",
                            "--out", str(tmp_path / "c.jsonl"), "--table", str(tmp_path / "c.md"), "--docs", str(tmp_path)],
@@ -747,7 +748,7 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
     torch.save(last, d / "checkpoint-last.pth")
     assert curve.train_to(t1_ns, "MAR paper", 8, 100) is None and not (d / "checkpoint-ep008.pth").exists()
     for f in ("checkpoint-last.pth", "metrics.jsonl"):
-        os.utime(d / f, (time.time() - table1.RUNNING_S - 1,) * 2)
+        os.utime(d / f, (time.time() - lab.RUNNING_S - 1,) * 2)
     assert T.torch_load(curve.train_to(t1_ns, "MAR paper", 8, 100))["step"] == 12
 
 

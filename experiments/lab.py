@@ -1,0 +1,335 @@
+"""
+experiments/lab.py -- what every experiment script shares: the record store (one JSON object per
+measurement in a JSONL file, the only state), training runs (train.py in a subprocess, reused or
+resumed from RUNS_DIR), lock files (processes side by side split the work), and the FID machinery
+(cached Inception features of reference sets, class-balanced subsets, seeded class-balanced sampling).
+Each script (table1.py, recipe.py, curve.py, ...) defines its own runs and measurements on top.
+
+Conventions every script follows:
+  * Records: a measurement is done when a record with its key is in the JSONL; keys hold the checkpoint's
+    step and a digest of its weights (checkpoint_key), so a run retrained from scratch is measured again
+    instead of being pooled with the old weights. Tables are regenerated from the JSONL alone.
+  * Runs: a run already in RUNS_DIR counts as done when its checkpoint's step is the run's total and its
+    arguments match (train.MUST_MATCH), so runs started by hand with the same arguments are reused; an
+    unfinished one is resumed, unless its files changed in the last RUNNING_S seconds (it is probably
+    still training: it is waited for).
+  * Locks: a pid in a file (train.take_lock): a training run, a cached file, each measurement. A dead
+    holder's lock is taken over. One process per core with OMP_NUM_THREADS=1 is the fastest use of a
+    small CPU: two shells running the same command share the work.
+  * Sampling: EMA weights, batches of args.batch images, labels class-balanced (image i has class i % 10),
+    batch b drawn from a generator seeded with (args.seed, b), as sample.py does.
+  * FID: fid.py with the FID Inception weights; reference features computed once and cached in
+    RUNS_DIR/t1_cache (the cache's name is Table 1's, kept so that existing caches stay valid).
+"""
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import fid  # noqa: E402
+import tokenizer as tk  # noqa: E402
+import train  # noqa: E402
+from sample import generate  # noqa: E402
+
+LOGGING = ["--log_every", "25", "--ckpt_every", "200", "--sample_every", "0"]   # no effect on the numbers
+RUNNING_S = 600         # a run whose files changed this recently is taken to be still training
+
+
+def cache_dir(runs_dir):
+    return os.path.join(runs_dir, "t1_cache")
+
+
+# ------------------------------------------------------------------------------------------------
+# Records: the JSONL is the only state; a measurement is done when its key is in it
+# ------------------------------------------------------------------------------------------------
+def read_records(path):
+    """The JSONL's records, oldest first. Records from before --precision were all made in fp32."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [{"precision": "fp32", **json.loads(line)} for line in f if line.strip()]
+
+
+def find(records, **key):
+    return [r for r in records if all(r.get(k) == v for k, v in key.items())]
+
+
+def weights_sha(model):
+    """12 hex digits of a SHA-256 over the weights a measurement samples with (state_dict order): which
+    checkpoint a record measured. A run retrained from scratch is not bitwise the run before it (a code
+    change that reorders one float sum changes every later step), so records are pooled (a skipped
+    measurement, a sweep's choice, the columns of one table row) only among the same weights, not only
+    the same step. Records written before this field have none (None)."""
+    h = hashlib.sha256()
+    for name, v in model.state_dict().items():
+        h.update(name.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def checkpoint_key(model, ckpt):
+    """What identifies a measured checkpoint in the records: its step and its weights."""
+    return dict(train_steps=ckpt["step"], weights_sha=weights_sha(model))
+
+
+def latest_key(records, **match):
+    """checkpoint_key of the latest record matching `match` (None if none): the checkpoint a table shows."""
+    found = find(records, **match)
+    return found and {k: found[-1].get(k) for k in ("train_steps", "weights_sha")} or None
+
+
+
+def setting(args):
+    """What a measurement depends on besides its row and cfg: records of other settings are kept in the
+    JSONL but neither reused nor shown."""
+    return dict(seed=args.seed, num_sampling_steps=args.num_sampling_steps, precision=args.precision)
+
+
+
+def append_record(path, record, who="lab"):
+    record = dict(record, time=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"{who}:", json.dumps(record), flush=True)
+    return record
+
+
+
+def fmt(x, digits=2):
+    return "-" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+
+def measurement_lock(args, **key):
+    return os.path.join(cache_dir(args.runs_dir), "measuring",
+                        "_".join(f"{k}-{v}" for k, v in sorted(key.items())) + ".lock")
+
+
+@contextlib.contextmanager
+def claim(args, **key):
+    """Yields whether this process takes the measurement `key`: not if the JSONL has it, nor while another
+    process measures it (a lock file per measurement). So processes started side by side with
+    the same --rows share the work: each takes the next measurement nobody has taken."""
+    lock = measurement_lock(args, **key)
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    if find(read_records(args.out), **key):
+        yield False
+    elif not take_lock(lock):
+        print(f"lab: {os.path.basename(lock)[:-5]}: another process is measuring it, skipped", flush=True)
+        yield False
+    else:
+        try:
+            yield not find(read_records(args.out), **key)     # (it may have finished just before we locked)
+        finally:
+            os.remove(lock)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: train.py in a subprocess, reusing / resuming what RUNS_DIR holds
+# ------------------------------------------------------------------------------------------------
+def flag_suffix(flags):
+    """A run directory's suffix for extra train.py flags, e.g. _mask_ratio_min_0."""
+    return "".join("_" + f.lstrip("-") for f in flags)
+
+
+
+def total_steps(train_args, n_train):
+    """The step train.py stops at for these arguments (one process, no accumulation)."""
+    total = max(1, round(train_args.epochs * n_train / train_args.batch_size))
+    return min(total, train_args.max_steps) if train_args.max_steps else total
+
+
+def ensure_trained(run_dir, argv, n_train):
+    """Train (or resume) train.py with arguments `argv` in `run_dir` until its checkpoint holds the last
+    step; returns the checkpoint, or None while another process trains it (a script holding its lock, or
+    a train.py writing its files). n_train: the training set's size (for the run's last step)."""
+    ckpt_path, log, lock = os.path.join(run_dir, "checkpoint-last.pth"), run_dir + ".log", run_dir + ".lock"
+    os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
+    if not take_lock(lock):
+        return None
+    try:
+        argv = list(argv) + LOGGING + ["--output_dir", run_dir]
+        want = train.get_args(argv)
+        if os.path.exists(ckpt_path):
+            ckpt = tk.torch_load(ckpt_path)
+            have = train.checkpoint_args(ckpt)
+            diff = [f"{k}: {have.get(k)!r} vs {getattr(want, k)!r}" for k in train.MUST_MATCH
+                    if k != "shards" and have.get(k) != getattr(want, k)]
+            if diff:
+                raise ValueError(f"{ckpt_path} was trained with other settings than this experiment's "
+                                 f"({', '.join(diff)}); move it away or pass another --runs_dir")
+            if ckpt["step"] >= total_steps(want, n_train):
+                return ckpt_path
+            age = time.time() - max(os.path.getmtime(p) for p in (ckpt_path, os.path.join(run_dir, "metrics.jsonl"))
+                                    if os.path.exists(p))
+            finished = ckpt["step"] >= total_steps(argparse.Namespace(**have), n_train)  # ran to its own end
+            if age < RUNNING_S and not finished:
+                # Its files are still being written: a train.py started by hand, or the orphan of a killed
+                # script. Wait for it as for a locked run; a dead run is resumed RUNNING_S after its last write.
+                print(f"lab: {run_dir} is at step {ckpt['step']} and changed {age:.0f} s ago: probably still "
+                      f"training; left for {RUNNING_S - age:.0f} s more", flush=True)
+                return None
+            argv += ["--resume", ckpt_path]
+        print(f"lab: training: train.py {' '.join(argv)} (log: {log})", flush=True)
+        with open(log, "a") as f:
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + argv, cwd=ROOT,
+                                  stdout=f, stderr=subprocess.STDOUT)
+    finally:
+        os.remove(lock)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training {run_dir} failed (exit {proc.returncode}); see {log}")
+    return ckpt_path
+
+
+def train_all(runs, n_train):
+    """runs: {key: (run_dir, argv)} (ensure_trained's arguments) -> {key: checkpoint} once every run is
+    trained. Processes side by side each train a run that no other process is training, then wait."""
+    ckpts = {}
+    while True:
+        for key, run in runs.items():
+            if key not in ckpts and (path := ensure_trained(*run, n_train)) is not None:
+                ckpts[key] = path
+        if len(ckpts) == len(runs):
+            return ckpts
+        print(f"lab: waiting for {', '.join(str(k) for k in runs if k not in ckpts)}: another process trains "
+              f"them", flush=True)
+        time.sleep(30)
+
+
+def training_time(run_path):
+    """Seconds of training: train.py's elapsed_s restarts with every session (resume), so sum the
+    last value of each session."""
+    rows = [json.loads(line) for line in open(os.path.join(run_path, "metrics.jsonl")) if line.strip()]
+    total, last = 0.0, 0.0
+    for r in rows:
+        if r["elapsed_s"] < last:
+            total += last
+        last = r["elapsed_s"]
+    return round(total + last, 1)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# FID: reference features cached once; samples generated in big batches
+# ------------------------------------------------------------------------------------------------
+def balanced_subset(labels, n, seed):
+    """Indices of n images, class-balanced (n/10 per class, or as close as n allows), chosen by a
+    seeded permutation: the first ones of each class in that order, interleaved by class."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    by_class = [perm[labels[perm] == c] for c in range(10)]
+    picked = [by_class[i % 10][i // 10] for i in range(n)]
+    return torch.stack(picked)
+
+
+def uint8_images(dataset, index):
+    return dataset.images[index].numpy()                               # (n, 28, 28, 1) uint8
+
+
+take_lock = train.take_lock     # lock files holding a pid: False while a live process holds one
+
+
+def once(path, make):
+    """make() writes `path` (atomically) unless it exists. Several processes may need the same
+    file at once: the first makes it under a lock file, the others wait for it."""
+    while not os.path.exists(path):
+        if not take_lock(path + ".lock"):
+            time.sleep(5)
+            continue
+        try:
+            if not os.path.exists(path):
+                make()
+        finally:
+            os.remove(path + ".lock")
+
+
+def cached_features(args, name, make_images, inception):
+    """Inception pool features (n, 2048) float32 of a reference image set, cached as .npy (made once)."""
+    path = os.path.join(cache_dir(args.runs_dir), f"features_{name}.npy")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def make():
+        feats = fid.extract_features(inception(), make_images(), args.fid_batch)[0]
+        np.save(path + ".tmp.npy", feats.astype(np.float32))
+        os.replace(path + ".tmp.npy", path)
+    once(path, make)
+    return np.load(path)
+
+
+def stats(features):
+    return fid.feature_statistics(np.asarray(features, np.float64))
+
+
+class Evaluator:
+    def __init__(self, args, inception=None):
+        self.args = args
+        self.train_set = tk.load_fashion_mnist(args.data_path or tk.FASHION_MNIST_DIR, "train")
+        self.test_set = tk.load_fashion_mnist(args.data_path or tk.FASHION_MNIST_DIR, "test")
+        self._inception, self._refs = inception, {}
+
+    def inception(self):
+        if self._inception is None:
+            if not os.path.isfile(self.args.inception):
+                raise FileNotFoundError(f"--inception {self.args.inception!r} not found: pass the FID Inception "
+                                        "weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+            self._inception = fid.load_inception(self.args.inception)
+        return self._inception
+
+    def test_index(self):
+        return balanced_subset(self.test_set.labels, min(self.args.num_fid, len(self.test_set)), self.args.seed)
+
+    def features(self, which):
+        """Inception features of "test" (all test images) or "train" (the class-balanced N training
+        images), computed once and cached."""
+        if which == "test":
+            everything = torch.arange(len(self.test_set))
+            return cached_features(self.args, f"test{len(self.test_set)}",
+                                   lambda: uint8_images(self.test_set, everything), self.inception)
+        idx = balanced_subset(self.train_set.labels, self.args.num_fid, self.args.seed)
+        return cached_features(self.args, f"train{self.args.num_fid}_seed{self.args.seed}",
+                               lambda: uint8_images(self.train_set, idx), self.inception)
+
+    def ref(self, which):
+        """(mu, sigma) of self.features(which)."""
+        if which not in self._refs:
+            self._refs[which] = stats(self.features(which))
+        return self._refs[which]
+
+    def fid(self, images, which):
+        feats = fid.extract_features(self.inception(), images, self.args.fid_batch)[0]
+        return fid.frechet_distance(*stats(feats), *self.ref(which))
+
+    def sample(self, model, tokenizer, n, num_iter, cfg, cfg_schedule="linear", temperature=1.0, precision=None):
+        """n class-balanced samples -> (uint8 (n, 28, 28, 1), seconds per image of the generation).
+        The protocol's temperature is 1.0 (not sample.py's per-tokenizer default); the ablations vary it.
+        precision: "fp32" / "bf16" autocast (default: --precision)."""
+        labels = torch.arange(n) % model.num_classes
+        out, t0 = [], time.time()
+        for b, start in enumerate(range(0, n, self.args.batch)):
+            g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + b)
+            out.append(generate(model, tokenizer, labels[start:start + self.args.batch], g, num_iter or model.seq_len,
+                                cfg, cfg_schedule, temperature, precision or self.args.precision))
+        return torch.cat(out).numpy(), (time.time() - t0) / n
+
+
+
+def token_quality(tokenizer, images):
+    """MSE (in [-1, 1] units) and PSNR (dB, images in [0, 1]; None for an exact round trip) of
+    encode -> decode, and the decoded uint8 images."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rec = tokenizer.decode(tokenizer.encode(x))
+    mse = ((rec - x) ** 2).mean().item()
+    psnr = 10 * math.log10(4 / mse) if mse > 0 else None
+    return mse, psnr, ((rec + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
