@@ -121,6 +121,60 @@ def test_vb_term_vanishes_for_the_true_posterior():
     assert (wrong > -1e-6).all() and (wrong[t < 100] > 1e-5).all()
 
 
+class PointMassNet(torch.nn.Module):
+    """The exact denoiser of data that is one known point x0 per row: eps = (x_t - sqrt(abar) x0) /
+    sqrt(1 - abar), with v = -1 (the true posterior's variance)."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0, self.abar = x0, torch.tensor(np.cumprod(1 - diffloss.cosine_betas()), dtype=torch.float32)
+
+    def forward(self, x_t, t, z):
+        a = self.abar[t][:, None]
+        eps = (x_t - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return torch.cat([eps, -torch.ones_like(eps)], dim=-1)
+
+
+def test_bound_bits_of_a_point_mass_is_its_prior_and_decoder_terms():
+    # Data = one known 8-bit point, denoised exactly: every KL term of t >= 1 is 0, the decoder at t = 0
+    # is N(x0, posterior variance of t = 1) integrated over x0's bin of width 2/255, and the prior term is
+    # KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)). The bound is their sum, in closed form.
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(1, 255, (6, 4), generator=g).float() / 127.5 - 1          # interior 8-bit values
+    head = DiffLoss(4, 3, depth=1, width=8)
+    head.net = PointMassNet(x0)
+    bits, var = head.bound_bits(x0, torch.zeros(6, 3), strata=10, generator=g)
+    betas = diffloss.cosine_betas()
+    abar = np.cumprod(1 - betas)
+    post_var_1 = betas[1] * (1 - abar[0]) / (1 - abar[1])
+    sigma = math.sqrt(post_var_1)
+    decoder = -math.log2(math.erf(1 / 255 / sigma / math.sqrt(2)))           # P(|N(0, sigma^2)| < 1/255)
+    x = x0.double()
+    prior = 0.5 * (-1 - math.log(1 - abar[-1]) + (1 - abar[-1]) + abar[-1] * x ** 2) / math.log(2)
+    expected = decoder + prior.mean(dim=1)
+    assert torch.allclose(bits.double(), expected, rtol=2e-3), (bits, expected)
+    assert var.max() < 1e-6                          # no randomness left: every draw gives the same terms
+
+
+def test_bound_bits_stratified_estimate_is_unbiased_and_knows_its_error():
+    # A real (randomly initialised) head: the stratified estimate over 25 bins, repeated on 400 copies
+    # of 3 tokens, must average to the sum of all 1000 terms (each estimated on the same 400 copies),
+    # and its own variance estimate must match the spread of the repeats.
+    torch.manual_seed(0)
+    head = DiffLoss(4, 3, depth=2, width=16)
+    R, g = 400, torch.Generator().manual_seed(1)
+    x0 = (torch.randint(0, 256, (3, 4), generator=g).float() / 127.5 - 1).repeat(R, 1)
+    z = torch.randn(3, 3, generator=g).repeat(R, 1)
+    bits, var = head.bound_bits(x0, z, strata=25, generator=g)
+    every, every_var = head.bound_bits(x0, z, strata=999, generator=g)     # 999 bins of one step each
+    bits, var, every = bits.view(R, 3).double(), var.view(R, 3).double(), every.view(R, 3).double()
+    spread = bits.var(dim=0)                                                 # across the repeats, per token
+    assert ((var.mean(dim=0) / spread) - 1).abs().max() < 0.35, (var.mean(dim=0), spread)
+    se = ((spread + every.var(dim=0)) / R).sqrt()
+    assert ((bits.mean(dim=0) - every.mean(dim=0)).abs() < 4 * se).all(), (bits.mean(0), every.mean(0), se)
+    assert (every.var(dim=0) < spread).all()           # all terms: less Monte Carlo error than 25 bins
+
+
 class GaussianMixtures:
     """A known conditional distribution: z (one-hot of 3 classes; all-zero = no class) selects a
     2-D Gaussian mixture. Its Bayes-optimal denoiser eps*(x_t, t, z) = -sqrt(1 - abar) * grad log p_t

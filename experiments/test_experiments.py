@@ -41,6 +41,7 @@ import masked_rows  # noqa: E402
 import precision  # noqa: E402
 import precision_speed  # noqa: E402
 import recipe  # noqa: E402
+import scarce  # noqa: E402
 import speed  # noqa: E402
 import table1  # noqa: E402
 import tokenizer as T  # noqa: E402
@@ -750,6 +751,78 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
     for f in ("checkpoint-last.pth", "metrics.jsonl"):
         os.utime(d / f, (time.time() - lab.RUNNING_S - 1,) * 2)
     assert T.torch_load(curve.train_to(t1_ns, "MAR paper", 8, 100))["step"] == 12
+
+
+# ==============================================================================================
+# Does MAR overtake AR when data is scarce? (experiments/scarce.py)
+
+def test_scarce_subsets_are_balanced_nested_seeded_and_apart_from_validation():
+    labels = torch.arange(10).repeat_interleave(torch.tensor([7, 9, 8, 9, 7, 12, 7, 8, 9, 10]))   # rarest: 7
+    order = scarce.balanced_order(labels, seed=3)
+    assert len(order) == 70 and len(set(order.tolist())) == 70
+    for n in (10, 30, 60):                                           # every prefix of 10k holds k of each class
+        assert torch.bincount(labels[order[:n]], minlength=10).tolist() == [n // 10] * 10
+    assert torch.equal(order, scarce.balanced_order(labels, seed=3))             # seeded
+    assert not torch.equal(order, scarce.balanced_order(labels, seed=4))
+    val = order[-10:]
+    assert torch.bincount(labels[val], minlength=10).tolist() == [1] * 10
+    scarce.check_sizes([10, 60], len(order), num_val=10)             # the largest subset stops before the tail
+    with pytest.raises(ValueError, match="--sizes must be in 1..60"):
+        scarce.check_sizes([10, 61], len(order), num_val=10)
+
+
+@pytest.mark.parametrize("name", ["mar_tiny", "ar_tiny_random"])
+def test_scarce_chain_z_conditions_each_token_on_the_earlier_ones_only(name):
+    """The chain rule's k-th factor: z of step k depends on the tokens earlier in the order (and the label)
+    and on nothing later, so the sum of the per-token bounds bounds -log p(image). Changing the token drawn
+    at step j changes the z of later steps only."""
+    torch.manual_seed(0)
+    kw = dict(order="random") if name.startswith("ar") else {}
+    model = build_model(name.replace("_random", ""), seq_len=9, token_dim=4, num_classes=3, **kw).eval()
+    tokens, labels = torch.randn(2, 9, 4), torch.tensor([0, 2])
+    orders = torch.stack([torch.randperm(9), torch.randperm(9)])
+    z = scarce.chain_z(model, tokens, labels, orders)
+    for j in (0, 4, 8):
+        changed = tokens.clone()
+        changed[torch.arange(2), orders[:, j]] += 1.0
+        z2 = scarce.chain_z(model, changed, labels, orders)
+        assert torch.allclose(z2[:, :j + 1], z[:, :j + 1], atol=1e-5), j     # steps up to j do not see it
+        if j < 8:
+            assert (z2[:, j + 1:] - z[:, j + 1:]).abs().amax(dim=-1).min() > 1e-4, j   # every later step does
+    # bits per image = the mean over its tokens of DiffLoss.bound_bits under the same draws
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    bits, var = scarce.image_bits(model, tokens, labels, orders, 3, g1)
+    per_token, per_var = model.diffloss.bound_bits(scarce.take(tokens, orders).reshape(18, 4), z.reshape(18, -1),
+                                                   3, g2)
+    assert torch.allclose(bits, per_token.view(2, 9).mean(dim=1), rtol=1e-4)
+    assert torch.allclose(var, per_var.view(2, 9).sum(dim=1) / 81, rtol=1e-4)
+
+
+def test_scarce_end_to_end_tiny(tmp_path, fashion_stand_in):
+    """experiments/scarce.py on the 100-image stand-in: a subset of 20 (the last 10 of the balanced order
+    are the validation split), AR random order and MAR trained 3 steps (every stage is that checkpoint
+    under --max_steps, so it is measured once), bits/dim on 4 test / train / validation images; a second
+    call finds everything done."""
+    out, md, runs = tmp_path / "s.jsonl", tmp_path / "s.md", tmp_path / "runs"
+    argv = ["--runs_dir", str(runs), "--out", str(out), "--table", str(md), "--data_path", str(fashion_stand_in),
+            "--sizes", "20", "--models", "AR random,MAR", "--num_val", "10", "--num_bpd", "4", "--strata", "2",
+            "--orders", "1", "--max_steps", "3", "--precision", "fp32"]
+    with pytest.raises(ValueError, match="--sizes must be in 1..90"):
+        scarce.main([a if a != "20" else "95" for a in argv])
+    scarce.main(argv)
+    records = lab.read_records(str(out))
+    assert sorted((r["model"], r["set"]) for r in records) == sorted(
+        (m, s) for m in ("AR random", "MAR") for s in ("test", "train", "val"))
+    assert all(r["train_steps"] == 3 and r["n"] == 4 and r["bpd"] > 0 and r["mc_se"] >= 0 for r in records)
+    subset = np.load(runs / "scarce_data" / "subset20_seed0.npz")
+    assert subset["images"].shape == (20, 28, 28, 1) and np.bincount(subset["labels"]).tolist() == [2] * 10
+    args = train.checkpoint_args(T.torch_load(str(runs / "scarce_n20_mar_fp32" / "checkpoint-last.pth")))
+    assert (args["dropout"], args["mask_ratio_law"], args["pos_embed_init"]) == (0.1, "uniform", "sincos")
+    assert args["warmup_epochs"] * 20 == scarce.WARMUP_IMAGES and args["data"] == "array"
+    scarce.main(argv)
+    assert len(lab.read_records(str(out))) == len(records)              # nothing measured twice
+    report = md.read_text()
+    assert "### 20 training images" in report and "| AR random | 3 |" in report
 
 
 # ==============================================================================================
