@@ -293,12 +293,11 @@ def same_config(a, b):
 
 
 def checkpoint_args(ckpt):
-    """The arguments a checkpoint was trained with (stored resolved), the parser's defaults filling in
-    any flag it does not name, and the two flags it may predate holding the value it trained with."""
-    return {**vars(build_parser().parse_args([])),
-            "mask_ratio_law": "truncnorm",   # a run from before the law flag trained with the paper's law
-            "precision": "fp32",             # one from before --precision in fp32 on a CPU (on a GPU in bf16:
-            **ckpt["args"]}                  # check_resume does not compare what is unknown)
+    """The arguments a checkpoint was trained with (stored resolved). A flag it predates holds the value
+    it trained with: the parser's default, resolved by the same rule (resolve_defaults), except
+    --precision: a run from before it trained in fp32 on a CPU (on a GPU in bf16: check_resume does not
+    compare what is unknown)."""
+    return resolve_defaults({**vars(build_parser().parse_args([])), "precision": "fp32", **ckpt["args"]})
 
 
 def check_resume(ckpt, run_args, tokenizer_cfg):
