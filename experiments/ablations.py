@@ -66,7 +66,6 @@ narrow ones). About 10 hours of one core, half that on two processes; plus table
 features if missing (40 min).
 """
 import argparse
-import math
 import os
 import shlex
 import sys
@@ -194,66 +193,6 @@ def measure(args, t1, ev, runs, sweep, t1_records):
 # ------------------------------------------------------------------------------------------------
 # Report: PNG plots (Pillow, no plotting library) and the Markdown, from the JSONL only
 # ------------------------------------------------------------------------------------------------
-def nice_ticks(lo, hi, n=5):
-    """Round-number ticks (1, 2 or 5 x 10^k apart) covering [lo, hi]."""
-    step = 10 ** math.floor(math.log10((hi - lo) / n or 1))
-    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
-    return [k * step for k in range(math.floor(lo / step), math.ceil(hi / step) + 1)]
-
-
-def line_plot(path, series, title, xlabel, ylabel, logx=False, data_ticks=True, hline=None):
-    """series: [(label, [(x, y, point label), ...])] -> PNG: framed axes with ticks and grid, the axis
-    labels, a legend above the frame (in as many rows as its entries need), a dashed reference line
-    hline = (label, y). Each series' line joins its points in the order given (the speed plot's x,
-    seconds, need not grow with its setting)."""
-    from PIL import Image, ImageDraw, ImageFont
-    W, H, L, R, B = 760, 500, 70, 30, 55                       # image size; margins left, right, bottom
-    img, font = Image.new("RGB", (W, H), "white"), ImageFont.load_default(size=14)
-    d = ImageDraw.Draw(img)
-    legend, lx, row = [], L, 0                                 # each entry's (x, row): a row wraps at the edge
-    for label, _ in series:
-        width = 30 + d.textlength(label, font=font)
-        if lx > L and lx + width > W - R:
-            lx, row = L, row + 1
-        legend.append((lx, row))
-        lx += width + 20
-    T = 60 + 20 * (row + 1)                                    # top margin: title, legend rows
-    f = math.log10 if logx else float
-    xs = sorted({p[0] for _, pts in series for p in pts})
-    ys = [p[1] for _, pts in series for p in pts] + ([hline[1]] if hline else [])
-    yt = nice_ticks(min(ys), max(ys))
-    xt = xs if data_ticks else nice_ticks(min(xs), max(xs))
-    pad = 0.05 * (f(xs[-1]) - f(xs[0]) or 1)
-    x0, x1 = min(f(xs[0]), f(xt[0])) - pad, max(f(xs[-1]), f(xt[-1])) + pad
-    X = lambda x: L + (f(x) - x0) / (x1 - x0) * (W - L - R)
-    Y = lambda y: H - B - (y - yt[0]) / (yt[-1] - yt[0] or 1) * (H - T - B)
-    for t in xt:
-        d.line((X(t), T, X(t), H - B), fill="#e5e5e5")
-        d.text((X(t), H - B + 6), f"{t:g}", fill="black", font=font, anchor="mt")
-    for t in yt:
-        d.line((L, Y(t), W - R, Y(t)), fill="#e5e5e5")
-        d.text((L - 6, Y(t)), f"{t:g}", fill="black", font=font, anchor="rm")
-    d.rectangle((L, T, W - R, H - B), outline="black")
-    d.text(((L + W - R) / 2, H - 8), xlabel, fill="black", font=font, anchor="ms")
-    d.text((8, T - 8), ylabel, fill="black", font=font, anchor="ls")
-    d.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
-    if hline:
-        for x in range(L, W - R, 12):
-            d.line((x, Y(hline[1]), min(x + 6, W - R), Y(hline[1])), fill="gray")
-        d.text((W - R - 4, Y(hline[1]) - 3), hline[0], fill="gray", font=font, anchor="rb")
-    for color, (label, pts), (lx, row) in zip(("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
-                                               "#e377c2", "#7f7f7f"), series, legend):
-        xy = [(X(x), Y(y)) for x, y, _ in pts]
-        if len(xy) > 1:
-            d.line(xy, fill=color, width=2)
-        for (px, py), (_, _, tag) in zip(xy, pts):
-            d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
-            d.text((px + 5, py - 4), tag, fill=color, font=font, anchor="ld")
-        d.line((lx, 40 + 20 * row, lx + 24, 40 + 20 * row), fill=color, width=3)
-        d.text((lx + 30, 40 + 20 * row), label, fill="black", font=font, anchor="lm")
-    img.save(path)
-
-
 def write_report(args, t1):
     """The PNGs and experiments/ablations.md from the JSONL as it is on disk (and Table 1's)."""
     records, t1_records = lab.read_records(args.out), lab.read_records(args.table1)
@@ -281,7 +220,7 @@ def write_report(args, t1):
         series = [(c["label"], [(at(r), r["fid"], tag(r) if tag else "") for _, r in sorted(pts.items())])
                   for c, pts in zip(cs, per_curve) if pts]
         os.makedirs(args.plots_dir, exist_ok=True)
-        line_plot(png, series, title, xlabel, "FID", logx, data_ticks,
+        lab.line_plot(png, series, title, xlabel, "FID", logx, data_ticks,
                   hline=floor and (f"floor (N = {args.num} training images)", floor))
         lines += [f"![{title}]({os.path.relpath(png, os.path.dirname(os.path.abspath(args.table)))})", ""]
         head = [COLUMN[varied]] + [f"{c['label']}: {what}" for c in cs for what in ("FID", "s / image")]

@@ -52,7 +52,7 @@ import recipe  # noqa: E402
 import table1  # noqa: E402
 import tokenizer as tk  # noqa: E402
 import train  # noqa: E402
-from ablations import line_plot  # noqa: E402
+
 
 # label -> (table1.RUNS name, extra train.py flags, Table 1 row whose sampling it uses)
 MODELS = {
@@ -358,7 +358,7 @@ def write_report(args):
                       "from scratch is another run: not bitwise the same on another machine; each line of the curve "
                       "is one run, the one that reached the longest budget):", ""] + header + others
     if series:
-        line_plot(os.path.join(args.docs, "curve.png"), series, "FID (N = 1,000 vs test) against training length",
+        lab.line_plot(os.path.join(args.docs, "curve.png"), series, "FID (N = 1,000 vs test) against training length",
                   "training epochs (log scale)", "FID", logx=True)
     with open(args.table, "w") as f:
         f.write("\n".join(lines) + "\n")

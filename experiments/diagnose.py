@@ -41,7 +41,7 @@ import lab  # noqa: E402
 import mar  # noqa: E402
 import tokenizer as tk  # noqa: E402
 from diffloss import NUM_TRAIN_STEPS  # noqa: E402
-from ablations import line_plot  # noqa: E402
+
 
 # Table 1's Diffusion Loss runs (experiments/table1.py's run directories), the default checkpoints
 TABLE1_RUNS = {"MAR": "t1_mar_tiny_diffusion", "AR random": "t1_ar_tiny_random_diffusion",
@@ -268,7 +268,7 @@ def write_report(args):
     known, pos, att = latest(records, "known"), latest(records, "pos"), latest(records, "attention")
     lines = [f"# Diagnostics (experiments/diagnose.py; {args.num} test images)", ""]
     if known:
-        line_plot(os.path.join(args.docs, "diagnose_known.png"),
+        lab.line_plot(os.path.join(args.docs, "diagnose_known.png"),
                   [(m, [(k, v, "") for k, v in enumerate(r["loss"])]) for m, r in known.items()],
                   "Diffusion Loss of one unknown token given k known ones (test images)", "k known tokens",
                   "loss", data_ticks=False)
@@ -284,7 +284,7 @@ def write_report(args):
     if pos:
         series = [(f"{m} {name}", [(d, s, "") for d, s in e["curve"]])
                   for m, r in pos.items() for name, e in r["embeddings"].items() if name in ("decoder_pos", "pos")]
-        line_plot(os.path.join(args.docs, "diagnose_pos.png"), series,
+        lab.line_plot(os.path.join(args.docs, "diagnose_pos.png"), series,
                   "Cosine similarity of two positions' embeddings vs their grid distance", "grid distance",
                   "mean cosine similarity", data_ticks=False)
         lines += ["Position embeddings (norm: mean over token positions; content: mean norm of what the embedding "
@@ -302,7 +302,7 @@ def write_report(args):
     if att:
         series = [(m, [(i, sum(v[i] for v in r["lift"].values()) / len(r["lift"]), "")
                        for i in range(len(next(iter(r["lift"].values()))))]) for m, r in att.items()]
-        line_plot(os.path.join(args.docs, "diagnose_attention.png"), series,
+        lab.line_plot(os.path.join(args.docs, "diagnose_attention.png"), series,
                   "Attention of a predicted token on its known 8-neighbours (lift over uniform)",
                   "layer of the stack that computes z", "lift (1 = uniform)")
         lines += ["Attention lift on known 8-neighbours per layer (MAR: decoder blocks; AR: causal blocks; "

@@ -14,8 +14,7 @@ same draws (EMA weights, batch 250, seeded batches, temperature 1.0, 100 diffusi
 Measured: FID of --num (1,000) class-balanced samples against the 5,000 training images (table1.py's sweep
 reference, never the test set). Training's cost is the (bf16-trained, fp32-sampled) cell against the
 (fp32, fp32) one; sampling's cost the (fp32, bf16) cell against (fp32, fp32). Each is compared with what a
-retraining in fp32 moves the same number (recipe.md: 0.8 w/o CFG, 1.5 at CFG 6; table1.md: AR raster's three
-trainings at CFG 3 lie within 0.8).
+retraining in fp32 moves the same number (recipe.md and table1.md hold retrainings of both runs).
 
 Run (from the repository root; a point already in the JSONL is skipped, a stopped training resumes):
   python experiments/precision.py --runs_dir runs

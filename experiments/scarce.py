@@ -36,6 +36,19 @@ Protocol (every choice):
     class-balanced test images, as many of the model's own training images (all of them below that)
     and the validation split, with two standard errors: over the images, and of the Monte Carlo alone.
     EMA weights, no CFG (the model's own conditional density), the true class label.
+  * Samples: FID of --num_fid (1,000) class-balanced samples against the 10,000 test images at every
+    checkpoint, at one CFG scale and temperature per model and size, chosen once at the checkpoint of
+    STEPS / 4 (SWEEP_STAGE) by FID of --num_sweep samples against the validation split (never the test
+    set): --cfg_grid at temperature 1.0, then --temperature_grid at the chosen scale. The same setting at
+    every checkpoint, so that the curve measures the model, not a re-tuned sampler. Table 1's sampler
+    otherwise: EMA weights, linear CFG, 100 diffusion steps, MAR 16 steps (--mar_steps), AR 49.
+  * Copies: FID against the test set rewards copies of training images, so each FID also reports the
+    copy rate: the fraction of samples whose nearest training image (pixel L2, the model's own subset)
+    is nearer than the 1st percentile of the 10,000 test images' nearest-training distances (a sampler
+    of the test distribution scores 1%), and the median nearest-training distance beside the test
+    images' median.
+  * Model selection as a user would do it: each run's checkpoint with the lowest validation bits/dim,
+    then its FID of --num_final (5,000) samples against the test set and its copy rate.
 """
 import argparse
 import os
@@ -48,6 +61,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
+import fid  # noqa: E402
 import lab  # noqa: E402
 import mar  # noqa: E402
 import table1  # noqa: E402
@@ -62,6 +76,7 @@ MODELS = {
 }
 STEPS = 15_000          # the full-data curve's 16 epochs: 16 * 60,000 / 64
 STAGES = 5              # checkpoints at STEPS / 16, / 8, / 4, / 2, STEPS
+SWEEP_STAGE = 2         # the sampler's setting is chosen at STEPS / 4
 DROPOUT = "0.1"         # the released code's, for every model
 WARMUP_IMAGES = 12_000  # Table 1's warmup: 0.2 epochs of 60,000 images (188 steps of 64)
 
@@ -239,33 +254,236 @@ def measure_bpd(args, order, n, label, stage, path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Samples: the sampler's setting from a sweep on the validation split; FID and copies per checkpoint
+# ------------------------------------------------------------------------------------------------
+def nearest_distances(queries, references, chunk=500):
+    """Pixel L2 distance (0..255 units) of each uint8 image in `queries` to its nearest in `references`."""
+    ref = torch.from_numpy(references).reshape(len(references), -1).float()
+    out = []
+    for start in range(0, len(queries), chunk):
+        q = torch.from_numpy(queries[start:start + chunk]).reshape(-1, ref.shape[1]).float()
+        out.append(torch.cdist(q, ref).min(dim=1).values)
+    return torch.cat(out).numpy()
+
+
+def copy_stats(samples, train_images, test_nearest):
+    """Copy rate (fraction of samples nearer to a training image than the 1st percentile of the test
+    images' nearest-training distances), the samples' and the test images' median nearest distance."""
+    d = nearest_distances(samples, train_images)
+    return dict(copy_rate=float((d < np.percentile(test_nearest, 1)).mean()), median_nearest=float(np.median(d)),
+                test_median_nearest=float(np.median(test_nearest)))
+
+
+class Samples:
+    """FID and copies of one run's checkpoints: the Evaluator (cached reference features), the run's own
+    training images, the test images' nearest-training distances, the validation split's statistics."""
+
+    def __init__(self, args, ev, order, n):
+        self.args, self.ev, self.n = args, ev, n
+        self.train_images = lab.uint8_images(args.train_set, order[:n])
+        everything = lab.uint8_images(args.test_set, torch.arange(len(args.test_set)))
+        self.test_nearest = nearest_distances(everything, self.train_images)
+        val = order[len(order) - args.num_val:]
+        feats = lab.cached_features(args, f"scarce_val{args.num_val}_seed{args.seed}",
+                                    lambda: lab.uint8_images(args.train_set, val), ev.inception)
+        self.val_ref = lab.stats(feats)
+
+    def draw(self, model, tokenizer, num, cfg, temperature):
+        num_iter = self.args.mar_steps if isinstance(model, mar.MAR) else None
+        return self.ev.sample(model, tokenizer, num, num_iter, cfg, "linear", temperature)
+
+    def val_fid(self, images):
+        feats = fid.extract_features(self.ev.inception(), images, self.args.fid_batch)[0]
+        return fid.frechet_distance(*lab.stats(feats), *self.val_ref)
+
+
+def load(path, args):
+    model, ckpt = mar.load_checkpoint(path)
+    model.diffloss.set_sampling_steps(args.num_sampling_steps)
+    return model.eval(), ckpt, tk.build_tokenizer(ckpt["tokenizer"])
+
+
+def setting_key(args):
+    """What a sample measurement depends on besides its checkpoint and setting."""
+    return dict(seed=args.seed, precision=args.precision, num_sampling_steps=args.num_sampling_steps,
+                mar_steps=args.mar_steps)
+
+
+def sweep_choice(args, records, n, label):
+    """(cfg, temperature) with the lowest FID against the validation split, or None while incomplete."""
+    pts = {(r["cfg"], r["temperature"]): r["fid"] for r in lab.find(records, kind="sweep", size=n, model=label,
+                                                                     n=args.num_sweep, **setting_key(args))}
+    if not all((c, 1.0) in pts for c in args.cfg_grid):
+        return None
+    cfg = min(args.cfg_grid, key=lambda c: pts[c, 1.0])
+    if not all((cfg, tau) in pts for tau in args.temperature_grid):
+        return None
+    return min([(cfg, 1.0)] + [(cfg, tau) for tau in args.temperature_grid], key=lambda p: pts[p])
+
+
+def measure_sweep(args, samples, n, label, path):
+    """The sweep at SWEEP_STAGE's checkpoint: the CFG scales at temperature 1.0, then the temperatures at
+    the chosen scale; FID of --num_sweep samples against the validation split."""
+    model, ckpt, tokenizer = load(path, args)
+    key = lab.checkpoint_key(model, ckpt)
+
+    def point(cfg, temperature):
+        p = dict(kind="sweep", size=n, model=label, cfg=cfg, temperature=temperature, n=args.num_sweep,
+                 **setting_key(args), **key)
+        with lab.claim(args, **p) as mine:
+            if mine:
+                images, s_per_image = samples.draw(model, tokenizer, args.num_sweep, cfg, temperature)
+                lab.append_record(args.out, dict(p, ref="val", fid=samples.val_fid(images),
+                                                 s_per_image=round(s_per_image, 4)), who="scarce")
+    for cfg in args.cfg_grid:
+        point(cfg, 1.0)
+    records = lab.find(lab.read_records(args.out), kind="sweep", size=n, model=label, **setting_key(args))
+    if all(any(r["cfg"] == c and r["temperature"] == 1.0 for r in records) for c in args.cfg_grid):
+        pts = {r["cfg"]: r["fid"] for r in records if r["temperature"] == 1.0 and r["n"] == args.num_sweep}
+        for tau in args.temperature_grid:
+            point(min(args.cfg_grid, key=lambda c: pts[c]), tau)
+
+
+def measure_samples(args, samples, n, label, stage, path, kind, num):
+    """FID of `num` samples against the test set and the copy statistics, at the sweep's choice."""
+    choice = sweep_choice(args, lab.read_records(args.out), n, label)
+    if choice is None:
+        return False
+    model, ckpt, tokenizer = load(path, args)
+    p = dict(kind=kind, size=n, model=label, cfg=choice[0], temperature=choice[1], n=num, **setting_key(args),
+             **lab.checkpoint_key(model, ckpt))
+    with lab.claim(args, **p) as mine:
+        if mine:
+            images, s_per_image = samples.draw(model, tokenizer, num, *choice)
+            lab.append_record(args.out, dict(p, stage=stage, epochs=round(ckpt["step"] * 64 / n, 2), ref="test",
+                                             fid=samples.ev.fid(images, "test"), s_per_image=round(s_per_image, 4),
+                                             **copy_stats(images, samples.train_images, samples.test_nearest)),
+                              who="scarce")
+            write_report(args)
+    return True
+
+
+def checkpoints(args):
+    """The distinct checkpoint steps of a run (the stages coincide under --max_steps)."""
+    return sorted({min(stage_steps(s), args.max_steps or STEPS) for s in range(STAGES)})
+
+
+def bpd_records(args, records, **match):
+    return lab.find(records, kind="bpd", strata=args.strata, orders=args.orders, seed=args.seed,
+                    precision=args.precision, **match)
+
+
+def best_steps(args, records, n, label):
+    """The checkpoint (its step) with the lowest validation bits/dim, or None until every one has one."""
+    val = {r["train_steps"]: r["bpd"] for r in bpd_records(args, records, size=n, model=label, set="val")}
+    steps = checkpoints(args)
+    return min(steps, key=lambda s: val[s]) if all(s in val for s in steps) else None
+
+
+# ------------------------------------------------------------------------------------------------
 # The report, from the JSONL only
 # ------------------------------------------------------------------------------------------------
 def write_report(args):
-    records = [r for r in lab.read_records(args.out) if r.get("kind") == "bpd" and r["precision"] == args.precision
-               and r["strata"] == args.strata and r["orders"] == args.orders and r["seed"] == args.seed]
-    sizes = sorted({r["size"] for r in records})
-    lines = [f"Bits per dimension (bound on -log2 p(x | class) / 784; lower is better) of {args.num_bpd} "
-             f"class-balanced images; {args.strata} strata over t, {args.orders} orders per image for the "
-             f"random-order models; {args.precision}. Standard errors in the JSONL.", ""]
+    """scarce.md (the bits/dim table, FID and copies per checkpoint, the selected checkpoints, the sweeps)
+    and, with --docs, docs/scarce.png, from the JSONL alone."""
+    records = lab.read_records(args.out)
+    bpd = bpd_records(args, records)
+    samples = [r for r in lab.find(records, **setting_key(args)) if r["kind"] in ("fid", "final", "sweep")]
+    sizes = sorted({r["size"] for r in bpd + samples})
+    lines = [f"Bits per dimension: a bound on -log2 p(x | class) / 784 (lower is better), on {args.num_bpd} "
+             f"class-balanced images of each set (train: the run's own subset); {args.strata} strata over t, "
+             f"{args.orders} orders per image for the random-order models; {args.precision}. FID: "
+             f"{args.num_fid} samples vs the 10,000 test images at the sweep's setting (CFG scale, temperature); "
+             "copies: the fraction of samples nearer to a training image than the 1st percentile of the test "
+             "images' nearest-training distances (1% for the test set itself). Standard errors in the JSONL.", ""]
     for n in sizes:
-        mine = [r for r in records if r["size"] == n]
         lines += [f"### {n} training images", "",
-                  "| model | steps | epochs | test | train | val | gap (test - train) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | steps | epochs | bits/dim test | train | val | gap (test - train) | FID (setting) "
+                  "| copies |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for label in MODELS:
-            for steps in sorted({r["train_steps"] for r in mine if r["model"] == label}):
-                cell = {r["set"]: r for r in mine if r["model"] == label and r["train_steps"] == steps}  # the latest
-                get = lambda s: cell[s]["bpd"] if s in cell else None
-                gap = get("test") - get("train") if get("test") is not None and get("train") is not None else None
-                epochs = next(iter(cell.values()))["epochs"]
-                lines.append(f"| {label} | {steps} | {epochs:g} | {lab.fmt(get('test'), 4)} | "
-                             f"{lab.fmt(get('train'), 4)} | {lab.fmt(get('val'), 4)} | {lab.fmt(gap, 4)} |")
+            fids = {r["train_steps"]: r for r in lab.find(samples, kind="fid", size=n, model=label, n=args.num_fid)}
+            mine = bpd_records(args, bpd, size=n, model=label)
+            for steps in sorted({r["train_steps"] for r in mine} | set(fids)):
+                cell = {r["set"]: r["bpd"] for r in mine if r["train_steps"] == steps}         # the latest
+                get = cell.get
+                gap = get("test") - get("train") if "test" in cell and "train" in cell else None
+                f = fids.get(steps)
+                epochs = steps * 64 / n
+                lines.append(f"| {label} | {steps} | {epochs:.0f} | {lab.fmt(get('test'), 4)} | "
+                             f"{lab.fmt(get('train'), 4)} | {lab.fmt(get('val'), 4)} | {lab.fmt(gap, 4)} | "
+                             + ("- | - |" if f is None else f"{f['fid']:.2f} ({f['cfg']:g}, {f['temperature']:g}) | "
+                                                            f"{100 * f['copy_rate']:.1f}% |"))
         lines.append("")
+        finals = [(label, r) for label in MODELS
+                  for r in lab.find(samples, kind="final", size=n, model=label, n=args.num_final)[-1:]]
+        if finals:
+            lines += [f"Selected by validation bits/dim, FID of {args.num_final} samples vs test:", "",
+                      "| model | steps | epochs | FID (setting) | copies | median nearest-training distance |",
+                      "|---|---|---|---|---|---|"]
+            for label, r in finals:
+                lines.append(f"| {label} | {r['train_steps']} | {r['train_steps'] * 64 / n:.0f} | {r['fid']:.2f} "
+                             f"({r['cfg']:g}, {r['temperature']:g}) | {100 * r['copy_rate']:.1f}% | "
+                             f"{r['median_nearest']:.0f} (test images: {r['test_median_nearest']:.0f}) |")
+            lines.append("")
+        sweeps = [(label, lab.find(samples, kind="sweep", size=n, model=label, n=args.num_sweep)) for label in MODELS]
+        if any(pts for _, pts in sweeps):
+            lines.append(f"Sweeps (FID of {args.num_sweep} samples vs the {args.num_val} validation images, "
+                         "(CFG scale, temperature): FID):")
+            for label, pts in sweeps:
+                if pts:
+                    lines.append(f"- {label}, step {pts[0]['train_steps']}: " + ", ".join(
+                        f"({r['cfg']:g}, {r['temperature']:g}): {r['fid']:.2f}" for r in pts))
+            lines.append("")
     tmp = f"{args.table}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, args.table)
+    if args.docs:
+        plot(args, bpd, samples, sizes)
+
+
+def plot(args, bpd, samples, sizes):
+    """docs/scarce.png: per subset size (a column), bits/dim (test solid, train dashed in the legend's
+    words) and FID against epochs, one line per model."""
+    from PIL import Image
+    panels = []
+    for n in sizes:
+        column = []
+        series = []
+        for label in MODELS:
+            for s, word in (("test", "held-out"), ("train", "train")):
+                pts = sorted((r["train_steps"] * 64 / n, r["bpd"], "")
+                             for r in bpd_records(args, bpd, size=n, model=label, set=s))
+                if pts:
+                    series.append((f"{label}, {word}", pts))
+        if series:
+            path = os.path.join(args.docs, f".scarce_bpd_{n}.png")
+            lab.line_plot(path, series, f"{n} training images: bits/dim", "epochs", "bits / dim", logx=True)
+            column.append(path)
+        series = [(label, sorted((r["train_steps"] * 64 / n, r["fid"], "") for r in
+                                 lab.find(samples, kind="fid", size=n, model=label, n=args.num_fid)))
+                  for label in MODELS]
+        series = [s for s in series if s[1]]
+        if series:
+            path = os.path.join(args.docs, f".scarce_fid_{n}.png")
+            lab.line_plot(path, series, f"{n} training images: FID (N = {args.num_fid} vs test)", "epochs", "FID",
+                          logx=True)
+            column.append(path)
+        if column:
+            panels.append(column)
+    if not panels:
+        return
+    images = [[Image.open(p) for p in column] for column in panels]
+    w, h = images[0][0].size
+    out = Image.new("RGB", (w * len(images), h * max(len(c) for c in images)), "white")
+    for i, column in enumerate(images):
+        for j, img in enumerate(column):
+            out.paste(img, (i * w, j * h))
+    out.save(os.path.join(args.docs, "scarce.png"))
+    for column in panels:
+        for p in column:
+            os.remove(p)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,19 +491,33 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     ints = lambda s: [int(x) for x in s.split(",") if x]
+    floats = lambda s: [float(x) for x in s.split(",") if x]
     a("--sizes", type=ints, default="1000,3000", help="training-subset sizes")
     a("--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}")
     a("--runs_dir", default="runs", help="subsets, training runs (scarce_*) and the cache")
     a("--out", default=os.path.join(ROOT, "experiments", "scarce.jsonl"), help="results, one JSON per line")
     a("--table", default=os.path.join(ROOT, "experiments", "scarce.md"), help="the Markdown report")
     a("--table-only", dest="table_only", action="store_true", help="only regenerate --table from --out")
-    a("--train_only", action="store_true", help="only the training runs")
+    a("--parts", default="train,bpd,samples",
+      help="what this process does (comma-separated): train (the runs), bpd, samples (sweeps, FID, copies)")
+    a("--docs", default=os.path.join(ROOT, "docs"), help="where scarce.png goes; empty: no plot")
     a("--data_path", default=None, help=f"Fashion-MNIST idx directory (default {tk.FASHION_MNIST_DIR})")
     a("--num_val", type=int, default=1000, help="validation split: training images in no subset")
     a("--num_bpd", type=int, default=1000, help="images per bits/dim measurement (test, train, val)")
     a("--strata", type=int, default=25, help="Monte Carlo bins over the diffusion steps t = 1..999")
     a("--orders", type=int, default=2, help="random orders per image for the random-order models")
     a("--bpd_batch", type=int, default=50, help="images per bits/dim batch")
+    a("--inception", default=os.path.join(ROOT, "..", "shared", "weights", "inception_fid_no_fc.pth"),
+      help="FID Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth or the fc-less file)")
+    a("--num_fid", type=int, default=1000, help="samples per checkpoint's FID")
+    a("--num_final", type=int, default=5000, help="samples of the selected checkpoint's FID")
+    a("--num_sweep", type=int, default=1000, help="samples per sweep point (vs the validation split)")
+    a("--cfg_grid", type=floats, default="2,3,4,6", help="CFG scales of the sweep (at temperature 1.0)")
+    a("--temperature_grid", type=floats, default="0.8", help="temperatures tried at the chosen scale")
+    a("--mar_steps", type=int, default=16, help="MAR's generation steps (Table 1's 'MAR default')")
+    a("--num_sampling_steps", type=int, default=100, help="diffusion steps per token (paper: 100)")
+    a("--batch", type=int, default=250, help="images per generation batch")
+    a("--fid_batch", type=int, default=50, help="images per Inception batch")
     a("--seed", type=int, default=0, help="subset and measurement seed")
     a("--precision", choices=PRECISIONS[1:], default="bf16", help="training and measurement precision")
     a("--max_steps", type=int, default=None, help="cap every run (smoke tests only: not the protocol)")
@@ -296,11 +528,19 @@ def get_args(argv=None):
         raise ValueError(f"unknown --models {bad}; valid: {', '.join(MODELS)}")
     if min(args.num_bpd, args.strata, args.orders, args.bpd_batch) < 1 or args.strata > 999:
         raise ValueError("--num_bpd, --orders, --bpd_batch must be >= 1 and --strata in 1..999")
+    if min(args.num_fid, args.num_final, args.num_sweep) < 2 or not args.cfg_grid or 1.0 in args.temperature_grid:
+        raise ValueError("--num_fid, --num_final, --num_sweep must be >= 2, --cfg_grid not empty, and "
+                         "--temperature_grid without 1.0 (the CFG sweep's own points)")
+    args.parts = set(args.parts.split(","))
+    if not args.parts or args.parts - {"train", "bpd", "samples"}:
+        raise ValueError(f"--parts: comma-separated from train, bpd, samples; got {','.join(args.parts)!r}")
     return args
 
 
-def main(argv=None):
+def main(argv=None, inception=None):
+    """inception: a feature network to use instead of --inception (the tests' stand-in)."""
     args = get_args(argv)
+    args.inception_net = inception
     if args.table_only:
         write_report(args)
         print(open(args.table).read())
@@ -310,19 +550,53 @@ def main(argv=None):
     order = balanced_order(args.train_set.labels, args.seed)
     check_sizes(args.sizes, len(order), args.num_val)
     data = {n: subset_file(args, order, n) for n in args.sizes}
-    # Breadth first: every run's first stage, then every run's second, ...: comparable curves early.
-    todo = [(stage, n, label) for stage in range(STAGES) for n in args.sizes for label in args.models]
+    runs = [(n, label) for n in args.sizes for label in args.models]
+    # Stage by stage: every run's first stage, then every run's second, ...: comparable curves early. The
+    # sweeps come once their stage is trained, each checkpoint's FID once its run's sweep has chosen.
+    todo = []
+    for stage in range(STAGES):
+        if args.parts & {"train", "bpd"}:
+            todo += [("train", stage, n, label) for n, label in runs]
+        if "samples" in args.parts:
+            todo += [("sweep", SWEEP_STAGE, n, label) for n, label in runs] if stage == SWEEP_STAGE else []
+            todo += [("fid", s, n, label) for n, label in runs for s in range(stage + 1)
+                     if s == stage or stage == SWEEP_STAGE]
+    todo += [("final", None, n, label) for n, label in runs] if "samples" in args.parts else []
+    ev, samples = None, {}
     while todo:
+        done = 0
         for job in list(todo):
-            stage, n, label = job
-            snap = train_stage(args, data[n], n, label, stage)
-            if snap is None:
-                continue
-            if not args.train_only:
-                measure_bpd(args, order, n, label, stage, snap)
+            kind, stage, n, label = job
+            snap = snapshot(run_dir(args, n, label), min(stage_steps(stage), args.max_steps or STEPS)) \
+                if stage is not None else None
+            if kind == "train":
+                snap = train_stage(args, data[n], n, label, stage) if "train" in args.parts else \
+                    snap if os.path.exists(snap) else None
+                if snap is None:
+                    continue
+                if "bpd" in args.parts:
+                    measure_bpd(args, order, n, label, stage, snap)
+            else:
+                if kind == "final":
+                    steps = best_steps(args, lab.read_records(args.out), n, label)
+                    snap = steps and snapshot(run_dir(args, n, label), steps)
+                if not snap or not os.path.exists(snap):
+                    continue
+                if ev is None:
+                    ev = lab.Evaluator(args, args.inception_net)
+                if n not in samples:
+                    samples[n] = Samples(args, ev, order, n)
+                if kind == "sweep":
+                    measure_sweep(args, samples[n], n, label, snap)
+                    if sweep_choice(args, lab.read_records(args.out), n, label) is None:
+                        continue                                  # another process measures its last points
+                elif not measure_samples(args, samples[n], n, label, stage, snap, kind,
+                                         args.num_final if kind == "final" else args.num_fid):
+                    continue                                      # the run's sweep is not complete yet
             todo.remove(job)
-        if todo:
-            print(f"scarce: waiting for {len(todo)} stages that another process trains", flush=True)
+            done += 1
+        if todo and not done:
+            print(f"scarce: {len(todo)} jobs wait for runs or sweeps that another process does", flush=True)
             time.sleep(30)
     write_report(args)
     print(open(args.table).read())

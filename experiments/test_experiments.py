@@ -596,7 +596,7 @@ def test_line_plot_legend_wraps(tmp_path):
 
     def legend_rows(labels, rows):
         """The legend's rows, read off the swatches' colours above the frame (its top margin is 60 + 20 rows)."""
-        ablations.line_plot(str(tmp_path / "p.png"), [(lab, pts) for lab in labels], "t", "x", "y", logx=True)
+        lab.line_plot(str(tmp_path / "p.png"), [(name, pts) for name in labels], "t", "x", "y", logx=True)
         img = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))[:60 + 20 * rows - 5]
         ys = [np.nonzero((img == c).all(-1))[0] for c in colours[:len(labels)]]
         assert all(len(y) for y in ys), "a swatch of the legend is missing"
@@ -798,31 +798,60 @@ def test_scarce_chain_z_conditions_each_token_on_the_earlier_ones_only(name):
     assert torch.allclose(var, per_var.view(2, 9).sum(dim=1) / 81, rtol=1e-4)
 
 
-def test_scarce_end_to_end_tiny(tmp_path, fashion_stand_in):
+def test_scarce_copy_rate_counts_exact_copies():
+    """A sample set of which half are exact training images: those (and only those) are copies, since a
+    copy's nearest-training distance, 0, is below any test image's; the median distances are exact."""
+    g = np.random.default_rng(0)
+    train_images = g.integers(0, 256, (50, 28, 28, 1), dtype=np.uint8)
+    test_images = g.integers(0, 256, (200, 28, 28, 1), dtype=np.uint8)
+    fresh = g.integers(0, 256, (10, 28, 28, 1), dtype=np.uint8)
+    samples = np.concatenate([train_images[:10], fresh])
+    test_nearest = scarce.nearest_distances(test_images, train_images)
+    brute = [min(np.linalg.norm(x.astype(float) - y.astype(float)) for y in train_images) for x in test_images[:5]]
+    assert np.allclose(test_nearest[:5], brute, rtol=1e-5)
+    stats = scarce.copy_stats(samples, train_images, test_nearest)
+    assert stats["copy_rate"] == 0.5 and stats["test_median_nearest"] == pytest.approx(float(np.median(test_nearest)))
+    assert scarce.copy_stats(fresh, train_images, test_nearest)["copy_rate"] <= 0.2     # random images: ~1%
+
+
+def test_scarce_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     """experiments/scarce.py on the 100-image stand-in: a subset of 20 (the last 10 of the balanced order
-    are the validation split), AR random order and MAR trained 3 steps (every stage is that checkpoint
-    under --max_steps, so it is measured once), bits/dim on 4 test / train / validation images; a second
-    call finds everything done."""
+    are the validation split), MAR trained 3 steps (every stage is that checkpoint under --max_steps, so
+    it is measured once; the AR models differ in chain_z only, above): bits/dim on 4 test / train /
+    validation images, the sweep against the validation split, FID and copies at the chosen setting, the
+    selected checkpoint's final FID, the report and its plot; a second call finds everything done."""
     out, md, runs = tmp_path / "s.jsonl", tmp_path / "s.md", tmp_path / "runs"
     argv = ["--runs_dir", str(runs), "--out", str(out), "--table", str(md), "--data_path", str(fashion_stand_in),
-            "--sizes", "20", "--models", "AR random,MAR", "--num_val", "10", "--num_bpd", "4", "--strata", "2",
-            "--orders", "1", "--max_steps", "3", "--precision", "fp32"]
+            "--sizes", "20", "--models", "MAR", "--num_val", "10", "--num_bpd", "4", "--strata", "2",
+            "--orders", "1", "--max_steps", "3", "--precision", "fp32", "--docs", str(tmp_path),
+            "--inception", str(tmp_path / "no_such_file.pth"), "--num_sweep", "4", "--num_fid", "4", "--num_final", "6",
+            "--cfg_grid", "2,3", "--temperature_grid", "0.5", "--batch", "4", "--num_sampling_steps", "2",
+            "--mar_steps", "2"]
     with pytest.raises(ValueError, match="--sizes must be in 1..90"):
         scarce.main([a if a != "20" else "95" for a in argv])
-    scarce.main(argv)
+    scarce.main(argv, inception=features)
     records = lab.read_records(str(out))
-    assert sorted((r["model"], r["set"]) for r in records) == sorted(
-        (m, s) for m in ("AR random", "MAR") for s in ("test", "train", "val"))
-    assert all(r["train_steps"] == 3 and r["n"] == 4 and r["bpd"] > 0 and r["mc_se"] >= 0 for r in records)
+    bpd = [r for r in records if r["kind"] == "bpd"]
+    assert sorted((r["model"], r["set"]) for r in bpd) == [("MAR", "test"), ("MAR", "train"), ("MAR", "val")]
+    assert all(r["train_steps"] == 3 and r["n"] == 4 and r["bpd"] > 0 and r["mc_se"] >= 0 for r in bpd)
+    for m in ("MAR",):
+        sweep = [(r["cfg"], r["temperature"]) for r in records if r["kind"] == "sweep" and r["model"] == m]
+        assert sweep[:2] == [(2.0, 1.0), (3.0, 1.0)] and len(sweep) == 3 and sweep[2][1] == 0.5
+        choice = scarce.sweep_choice(scarce.get_args(argv), records, 20, m)
+        (f,) = [r for r in records if r["kind"] == "fid" and r["model"] == m]
+        (final,) = [r for r in records if r["kind"] == "final" and r["model"] == m]
+        assert (f["cfg"], f["temperature"]) == choice == (final["cfg"], final["temperature"])
+        assert (f["n"], final["n"], final["train_steps"]) == (4, 6, 3) and 0 <= f["copy_rate"] <= 1
     subset = np.load(runs / "scarce_data" / "subset20_seed0.npz")
     assert subset["images"].shape == (20, 28, 28, 1) and np.bincount(subset["labels"]).tolist() == [2] * 10
     args = train.checkpoint_args(T.torch_load(str(runs / "scarce_n20_mar_fp32" / "checkpoint-last.pth")))
     assert (args["dropout"], args["mask_ratio_law"], args["pos_embed_init"]) == (0.1, "uniform", "sincos")
     assert args["warmup_epochs"] * 20 == scarce.WARMUP_IMAGES and args["data"] == "array"
-    scarce.main(argv)
+    scarce.main(argv, inception=features)
     assert len(lab.read_records(str(out))) == len(records)              # nothing measured twice
     report = md.read_text()
-    assert "### 20 training images" in report and "| AR random | 3 |" in report
+    assert "### 20 training images" in report and "| MAR | 3 |" in report and "Selected by" in report
+    assert (tmp_path / "scarce.png").exists()
 
 
 # ==============================================================================================
