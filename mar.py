@@ -748,12 +748,13 @@ def build_model(name, **overrides):
 
 def param_groups(model, weight_decay):
     """AdamW groups of the released code: decay on matrices only; no decay for biases,
-    1-D parameters (LayerNorm) and the whole Diffusion Loss head (any per-token head)."""
+    1-D parameters (LayerNorm) and the whole Diffusion Loss head (any per-token head). An autoencoder
+    trained by train.py: none for the VQ codebook either (decay would pull the codes to 0)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith(".bias") or name.startswith("diffloss.")
+        skip = p.ndim <= 1 or name.endswith(".bias") or name.startswith(("diffloss.", "quantize."))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -38,7 +38,7 @@ DEFAULT_OUTPUT_DIR = "output"  # train.py's default --output_dir; sample.py read
 # FID numbers use it) and for VQ codes (a plain softmax); 0.5 for pixel tokens, where the small, briefly
 # trained heads of the toy runs spread each token too widely (chosen with experiments/shapes_judge.py;
 # results in experiments/README.md).
-DEFAULT_TEMPERATURE = {"kl": 1.0, "vq": 1.0, "pixel": 0.5}
+DEFAULT_TEMPERATURE = {"kl": 1.0, "vqae": 1.0, "vq": 1.0, "pixel": 0.5}
 EVAL_PER_CLASS = 50            # FID protocol: 50 images per class (50,000 for ImageNet)
 GRID_PER_CLASS = 8             # a preview grid: one row of 8 per class
 GRID_MAX_CLASSES = 16          # a preview of a 1000-class model shows 8 classes spread over the range
@@ -176,12 +176,18 @@ def load_model(args):
 
 
 def load_tokenizer(args, ckpt):
-    """train.py checkpoints store the tokenizer's config; released MAR files are KL-16 at 256x256."""
+    """train.py checkpoints store the tokenizer's config; released MAR files are KL-16 at 256x256. An
+    autoencoder's weights are another file: --vae, else the one the run trained with (its --vae), if it
+    is still there."""
     cfg = ckpt.get("tokenizer") or dict(kind="kl", vae=tk.VAE_CONFIGS["kl16"], image_size=256, patch_size=1,
                                         scale=tk.KL16_SCALE)
-    if cfg["kind"] == "kl" and args.vae is None:
-        raise ValueError(f"{args.ckpt!r} models KL-16 latents: pass --vae kl16.ckpt to decode them")
-    return tk.build_tokenizer(cfg, args.vae)
+    vae = args.vae
+    if cfg["kind"] in ("kl", "vqae") and vae is None:
+        vae = (ckpt.get("args") or {}).get("vae") if isinstance(ckpt.get("args"), dict) else None
+        if vae is None or not os.path.isfile(vae):
+            raise ValueError(f"{args.ckpt!r} models an autoencoder's latents: pass --vae (kl16.ckpt, or the "
+                             "autoencoder's checkpoint) to decode them")
+    return tk.build_tokenizer(cfg, vae)
 
 
 def plan_labels(args, num_classes):
@@ -234,7 +240,8 @@ def main(argv=None):
     p.add_argument("--weights", choices=("model_ema", "model"), default="model_ema",
                    help="which weights to sample with: the EMA (the paper's choice) or the raw ones")
     p.add_argument("--model", default=None, help="expected size (mar_base, ...): checked against the file")
-    p.add_argument("--vae", default=None, help="kl16.ckpt, needed to decode KL-16 tokens")
+    p.add_argument("--vae", default=None, help="kl16.ckpt, needed to decode KL-16 tokens (default for a train.py "
+                                               "checkpoint: the --vae it trained with)")
     p.add_argument("--cfg", type=float, default=1.0,
                    help="classifier-free guidance scale: 1 = none, > 1 guides (paper: 2.9-3.2), 0..1 moves "
                         "towards the unconditional model")

@@ -979,6 +979,96 @@ def test_vae_checkpoint_round_trip_and_mismatch(tmp_path):
         T.load_vae(path, "kl32")
 
 
+# ---------------------------------------------------------------- training a tokenizer (train.py --model kl_f4 / vq_f4)
+
+def test_autoencoder_kl_term_is_the_closed_form():
+    # forward = L1 + kl_weight * KL / pixels with KL(N(mean, std^2) || N(0, 1)) summed over latent elements:
+    # the difference of two losses from the same posterior draw, kl_weight 1 and 0, is that KL exactly.
+    vae = T.build_autoencoder("kl_f4", ch=32, in_channels=1, kl_weight=1.0)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    torch.manual_seed(0)
+    with_kl = vae(x)
+    vae.kl_weight = 0.0
+    torch.manual_seed(0)
+    l1 = vae(x)
+    post = vae.encode(x)
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(post.mean, post.std),
+                                           torch.distributions.Normal(0.0, 1.0)).sum()
+    assert torch.allclose(with_kl - l1, kl / x.numel(), rtol=1e-4)
+    torch.manual_seed(0)
+    rec = vae.decode(vae.encode(x).sample())
+    assert torch.allclose(l1, (rec - x).abs().mean(), rtol=1e-5)        # the same draw: the L1 of its decoding
+
+
+def test_vector_quantizer_straight_through_and_losses():
+    # z_q holds the nearest codes; the gradient reaches z unchanged through z_q (straight-through); the
+    # loss is ||sg[z] - e||^2 + 0.25 ||z - sg[e]||^2 (means), so d loss / d z = 0.25 * 2 (z - e) / n and
+    # d loss / d e_k = 2 sum over z assigned to k of (e_k - z) / n.
+    torch.manual_seed(0)
+    vq = T.VectorQuantizer(num_codes=5, dim=3).eval()
+    vq.embedding.weight.data = torch.randn(5, 3)
+    z = torch.randn(2, 3, 2, 2, requires_grad=True)
+    zq, loss, idx = vq(z)
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 3)
+    codes = vq.embedding.weight.detach()
+    assert torch.equal(idx.flatten(), torch.cdist(flat, codes).argmin(dim=1))
+    assert torch.allclose(zq.detach().permute(0, 2, 3, 1).reshape(-1, 3), codes[idx.flatten()])
+    n = flat.numel()
+    assert torch.allclose(loss, 1.25 * ((codes[idx.flatten()] - flat) ** 2).sum() / n)
+    g = torch.randn_like(z)
+    (grad_through,) = torch.autograd.grad((zq * g).sum(), z, retain_graph=True)
+    assert torch.equal(grad_through, g)                                  # straight-through: unchanged
+    grad_z, grad_e = torch.autograd.grad(loss, [z, vq.embedding.weight])
+    want_z = 0.25 * 2 * (flat - codes[idx.flatten()]) / n
+    assert torch.allclose(grad_z.permute(0, 2, 3, 1).reshape(-1, 3), want_z, atol=1e-7)
+    want_e = torch.zeros(5, 3).index_add_(0, idx.flatten(), 2 * (codes[idx.flatten()] - flat) / n)
+    assert torch.allclose(grad_e, want_e, atol=1e-7)
+
+
+def test_vector_quantizer_restarts_idle_codes_and_counts_use():
+    torch.manual_seed(0)
+    vq = T.VectorQuantizer(num_codes=4, dim=2, restart_after=3)
+    vq.embedding.weight.data = torch.tensor([[0.0, 0.0], [10.0, 10.0], [-10.0, 10.0], [0.1, 0.0]])
+    z = torch.randn(8, 2, 1, 1) * 0.01                                   # every encoding nearest code 0 or 3
+    for step in range(3):
+        before = vq.embedding.weight.detach().clone()
+        vq(z)
+        if step < 2:
+            assert torch.equal(vq.embedding.weight, before)             # idle for 1, 2 steps: kept
+    moved = vq.embedding.weight.detach()
+    encodings = z.reshape(8, 2)
+    for k in (1, 2):                                                    # idle 3 steps: now an encoding
+        assert (moved[k] - encodings).abs().sum(dim=1).min() < 1e-6
+    used, perplexity = vq.usage()
+    assert 0.25 <= used <= 0.5 and 1 <= perplexity <= 2 and vq.usage()[0] == 0.0   # counts reset
+
+
+def test_latent_scale_of_a_known_std():
+    # latents with std 0.5 (images uniform on [-1, 1] have std 1/sqrt(3); a 1x1 conv scales them): 1/std
+    class Halve(torch.nn.Module):
+        def latents(self, images):
+            return images * (0.5 * math.sqrt(3))
+    data = T.ArrayDataset(np.random.default_rng(0).integers(0, 256, (500, 8, 8), dtype=np.uint8))
+    assert abs(T.latent_scale(Halve(), data, batch_size=64) - 2.0) < 0.02
+    assert T.latent_scale(Halve(), data, max_images=100) != T.latent_scale(Halve(), data)   # the cap is honoured
+
+
+def test_autoencoder_training_reduces_the_loss():
+    torch.manual_seed(0)
+    x = train.make_shapes(1, 8)[0][:, None].float() / 127.5 - 1          # the 10 shapes, 8x8 grayscale
+    for name in ("kl_f4", "vq_f4"):
+        vae = T.build_autoencoder(name, ch=32, in_channels=1, **({"num_codes": 16} if name == "vq_f4" else {}))
+        opt = torch.optim.Adam(vae.parameters(), lr=5e-3)
+        losses = []
+        for _ in range(20):
+            loss = vae(x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.7 * losses[0], (name, losses[0], losses[-1])
+
+
 # ---------------------------------------------------------------- tokens
 
 def test_patchify_token_order_matches_the_released_code():
@@ -2087,6 +2177,63 @@ def test_sample_checks_its_inputs_and_outputs_before_sampling(tmp_path, full_run
         tiny("mar_tiny").sample_tokens(2, num_iter=2, temperature=float("nan"))
     sample_npz(full_run, tmp_path / "new" / "dir", seed=1)        # a directory that does not exist yet is made
     assert (tmp_path / "new" / "dir" / "s1.npz").exists()
+
+
+# -- a tokenizer trained here (train.py --model kl_f4 / vq_f4), then MAR on its latents -------------
+
+def test_train_a_tokenizer_then_mar_on_its_latents(tmp_path):
+    """train.py trains an autoencoder and stores its latent scale, measured at the end; load_vae loads the
+    checkpoint strictly with the same reconstructions; train.py --vae trains MAR on its latents with no
+    other flag and sample.py decodes them (it finds the autoencoder in the run's arguments). The VQ twin
+    gives codes for --head ce and its continuous z for the Diffusion Loss."""
+    ae = ["--data", "builtin", "--image_size", "8", "--batch_size", "8", "--epochs", "1", "--max_steps", "2",
+          "--log_every", "1", "--sample_every", "2", "--precision", "fp32"]
+    kl, vq = tmp_path / "kl", tmp_path / "vq"
+    train.main(ae + ["--model", "kl_f4", "--output_dir", str(kl), "--max_steps", "1"])
+    unfinished = T.torch_load(str(kl / "checkpoint-last.pth"))
+    del unfinished["scale"]                                            # as if stopped before its end
+    torch.save(unfinished, tmp_path / "unfinished.pth")
+    with pytest.raises(ValueError, match="has not finished"):
+        T.load_vae(str(tmp_path / "unfinished.pth"))
+    train.main(ae + ["--model", "kl_f4", "--output_dir", str(kl), "--resume", str(kl / "checkpoint-last.pth")])
+    ckpt = T.torch_load(str(kl / "checkpoint-last.pth"))
+    assert ckpt["step"] == 2 and (kl / "reconstructions_0000002.png").exists()
+    vae = T.load_vae(str(kl / "checkpoint-last.pth"))
+    ema = T.build_autoencoder("kl_f4", in_channels=1)
+    ema.load_state_dict(ckpt["model_ema"])
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    assert torch.equal(vae.reconstruct(x), ema.eval().reconstruct(x)) and vae.scale == ckpt["scale"]
+    data = train.load_data(train.get_args(ae))
+    assert abs(ckpt["scale"] / T.latent_scale(ema, data) - 1) < 0.02      # (posterior draws differ)
+    mar_flags = ["--data", "builtin", "--image_size", "8", "--batch_size", "4", "--max_steps", "1",
+                 "--sample_every", "0", "--precision", "fp32"]
+    train.main(mar_flags + ["--vae", str(kl / "checkpoint-last.pth"), "--output_dir", str(tmp_path / "m")])
+    m = T.torch_load(str(tmp_path / "m" / "checkpoint-last.pth"))
+    assert (m["tokenizer"]["kind"], m["tokenizer"]["scale"], m["config"]["seq_len"], m["config"]["token_dim"]) == \
+        ("kl", ckpt["scale"], 4, 16)                                     # 8x8 / 4 = 2x2 latents of 16 channels
+    sample.main(["--ckpt", str(tmp_path / "m" / "checkpoint-last.pth"), "--num_images", "10", "--num_iter", "2",
+                 "--num_sampling_steps", "3", "--npz", str(tmp_path / "s.npz"), "--out", str(tmp_path / "s.png")])
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (10, 8, 8, 1)
+
+    train.main(ae + ["--model", "vq_f4", "--vq", "16", "--output_dir", str(vq)])
+    assert "codes_used" in open(vq / "metrics.jsonl").readline()
+    for head, kind in (("ce", True), ("diffusion", False)):
+        out = tmp_path / f"m_{head}"
+        train.main(mar_flags + ["--vae", str(vq / "checkpoint-last.pth"), "--head", head, "--output_dir", str(out)])
+        tok = T.torch_load(str(out / "checkpoint-last.pth"))["tokenizer"]
+        assert (tok["kind"], tok["discrete"]) == ("vqae", kind)
+    codes = T.VQAETokenizer(T.load_vae(str(vq / "checkpoint-last.pth")), 8, discrete=True)
+    assert torch.equal(codes.encode(x), codes.codebook[codes.indices(x)]) and codes.num_codes == 16
+
+    with pytest.raises(ValueError, match="trains an autoencoder: drop --head"):
+        train.get_args(["--model", "kl_f4", "--head", "l2"])
+    with pytest.raises(ValueError, match="--kl_weight is for the kl_"):
+        train.get_args(["--kl_weight", "1e-3"])
+    with pytest.raises(ValueError, match="needs discrete tokens"):
+        train.main(mar_flags + ["--vae", str(kl / "checkpoint-last.pth"), "--head", "ce", "--output_dir",
+                                str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="multiple of it"):
+        train.main(ae + ["--model", "kl_f4", "--image_size", "10", "--output_dir", str(tmp_path / "bad2")])
 
 
 # -- precision: bf16 autocast (train.py / sample.py --precision) --------------------------------

@@ -12,6 +12,11 @@ MAR (paper Sec. 3-5) models a sequence of continuous tokens; the model only ever
     weights, for small images) share one duck-typed interface: `.seq_len`, `.token_dim`, `.token_bound`,
     `.encode(images in [-1, 1]) -> (B, seq, token_dim)`, `.decode(tokens) -> images in [-1, 1]`,
     `.config()` -> plain dict, rebuilt by `build_tokenizer(cfg, vae_path)`.
+  * Training a tokenizer on one's own images (train.py --model kl_f4 | kl_f2 | vq_f4, `AUTOENCODERS`):
+    `AutoencoderKL.forward` is LDM's loss without its perceptual and adversarial terms (L1 + 1e-6 KL),
+    `AutoencoderVQ` its twin with a `VectorQuantizer` bottleneck (codes for cross-entropy, the continuous
+    z before quantisation for the Diffusion Loss: `VQAETokenizer`), and `latent_scale` measures the
+    1 / std that KL-16's 0.2325 is for ImageNet, stored in the checkpoint that `load_vae` reads.
   * `VQTokenizer`: discrete tokens for Table 1's cross-entropy baseline, the pixel patches snapped to
     the nearest of K codes of a seeded k-means codebook (`kmeans`, `nearest_code`); the codebook
     travels in `.config()`.
@@ -32,6 +37,7 @@ Example, the cache step for ImageNet 256 (then train from `CachedLatents("cache/
 """
 import argparse
 import gzip
+import math
 import os
 import re
 
@@ -218,7 +224,7 @@ class Encoder(nn.Module):
     """conv_in, one `Level` per entry of ch_mult (downsampling after all but the last), mid block,
     GroupNorm-swish-conv_out to 2 * z_channels (mean and log-variance)."""
 
-    def __init__(self, ch, ch_mult, num_res_blocks, attn_levels, in_channels, z_channels):
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_levels, in_channels, z_channels, double_z=True):
         super().__init__()
         n = len(ch_mult)
         widths = [ch * m for m in ch_mult]
@@ -226,14 +232,15 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList([Level(ch if i == 0 else widths[i - 1], widths[i], num_res_blocks,
                                          attn=i in attn_levels, down=i < n - 1) for i in range(n)])
         self.mid = MidBlock(widths[-1])
-        self.norm_out, self.conv_out = group_norm(widths[-1]), nn.Conv2d(widths[-1], 2 * z_channels, 3, padding=1)
+        out = 2 * z_channels if double_z else z_channels         # mean and log-variance (KL) or z (VQ)
+        self.norm_out, self.conv_out = group_norm(widths[-1]), nn.Conv2d(widths[-1], out, 3, padding=1)
 
     def forward(self, x):
         x = self.conv_in(x)                                      # (B, ch, H, W)
         for level in self.down:
             x = level(x)                                         # (B, ch*m_i, H/2^i, W/2^i)
         x = self.mid(x)
-        return self.conv_out(F.silu(self.norm_out(x)))          # (B, 2 z, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(x)))          # (B, 2 z (KL) or z (VQ), H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -298,10 +305,19 @@ class AutoencoderKL(nn.Module):
                            z_channels=z_channels, attn_levels=tuple(attn_levels),
                            decoder_attn_levels=tuple(decoder_attn_levels), in_channels=in_channels)
         self.embed_dim, self.in_channels, self.downsample_factor = embed_dim, in_channels, 2 ** (n - 1)
-        self.encoder = Encoder(ch, ch_mult, num_res_blocks, enc_attn, in_channels, z_channels)
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, enc_attn, in_channels, z_channels, self.double_z)
         self.decoder = Decoder(ch, ch_mult, num_res_blocks, dec_attn, in_channels, z_channels)
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
+        two = 2 if self.double_z else 1                          # mean and log-variance, or z alone
+        self.quant_conv = nn.Conv2d(two * z_channels, two * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+
+    double_z = True     # the encoder gives a mean and a log-variance per latent (the VQ twin: z alone)
+    # The weight of the KL term when training (train.py --kl_weight): LDM's 1e-6 (see forward). Not
+    # part of the config or the weights: a training setting, like the learning rate.
+    kl_weight = 1e-6
+    # 1 / std of the latents (KLTokenizer multiplies by it): KL-16's value for the released weights;
+    # load_vae reads a trained autoencoder's own from its checkpoint (latent_scale computes it).
+    scale = KL16_SCALE
 
     def encode(self, images):
         """images (B, 3, H, W) in [-1, 1] -> posterior over latents (B, embed_dim, H/f, W/f)."""
@@ -311,6 +327,117 @@ class AutoencoderKL(nn.Module):
         """latents (B, embed_dim, h, w) (unscaled) -> images (B, 3, h*f, w*f), roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(latents))
 
+    def latents(self, images):
+        """The latents a tokenizer reads (a posterior sample), unscaled: what latent_scale measures."""
+        return self.encode(images).sample()
+
+    @torch.no_grad()
+    def reconstruct(self, images):
+        """images -> their reconstructions through the posterior's mean, in [-1, 1]."""
+        return self.decode(self.encode(images).mode()).clamp(-1.0, 1.0)
+
+    def forward(self, images, labels=None):
+        """The training loss of LDM's autoencoder without its perceptual and adversarial terms: L1
+        reconstruction of a posterior sample + kl_weight * KL(posterior || N(0, I)). LDM sums both over
+        the pixels / latent elements; here both are divided by the number of pixels (the same objective
+        up to the learning rate's scale), so kl_weight is LDM's. labels: unused (train.py's interface)."""
+        posterior = self.encode(images)
+        rec = self.decode(posterior.sample()).float()
+        kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).float().sum()
+        return (rec - images).abs().mean() + self.kl_weight * kl / images.numel()
+
+
+class VectorQuantizer(nn.Module):
+    """K code vectors (VQ-VAE, van den Oord et al. 2017; `embedding` is LDM's name). Each latent vector z
+    is replaced by its nearest code e; the straight-through estimator z + sg[e - z] hands the decoder's
+    gradient to the encoder unchanged; the codebook term ||sg[z] - e||^2 pulls the codes to the encodings
+    and the commitment term beta ||z - sg[e]||^2 (beta = 0.25) the encodings to their codes.
+    A code that no encoding has picked for `restart_after` training steps is moved onto a random encoding
+    of the current batch (Jukebox's random restarts), so the codebook does not collapse onto a few codes."""
+
+    def __init__(self, num_codes, dim, beta=0.25, restart_after=100):
+        super().__init__()
+        self.beta, self.restart_after = beta, restart_after
+        self.embedding = nn.Embedding(num_codes, dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / num_codes, 1.0 / num_codes)     # LDM's init
+        self.register_buffer("idle", torch.zeros(num_codes, dtype=torch.long))        # steps since last picked
+        self.register_buffer("picked", torch.zeros(num_codes), persistent=False)      # counts since usage()
+
+    def forward(self, z):
+        """z (B, E, h, w) -> (z_q with the straight-through gradient (B, E, h, w), codebook + commitment
+        loss, code indices (B, h, w))."""
+        b, e, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, e).float()                           # (B h w, E)
+        idx = nearest_code(flat.detach(), self.embedding.weight.detach().float())
+        code = self.embedding(idx).float()
+        loss = F.mse_loss(code, flat.detach()) + self.beta * F.mse_loss(flat, code.detach())
+        if self.training:
+            self.restart(flat.detach(), idx)
+        zq = flat + (code - flat).detach()
+        return zq.reshape(b, h, w, e).permute(0, 3, 1, 2).to(z.dtype), loss, idx.reshape(b, h, w)
+
+    @torch.no_grad()
+    def restart(self, flat, idx):
+        """Count the picks; move every code idle for restart_after steps onto a random encoding. No host
+        sync (torch.where, not a branch). Under DDP the ranks agree: picks are summed over the ranks and
+        rank 0's replacements are broadcast."""
+        picks = torch.bincount(idx, minlength=len(self.idle)).float()
+        new = flat[torch.randint(len(flat), (len(self.idle),), device=flat.device)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(picks)
+            torch.distributed.broadcast(new, 0)
+        self.picked += picks
+        self.idle.copy_(torch.where(picks > 0, 0, self.idle + 1))
+        dead = self.idle >= self.restart_after
+        self.embedding.weight.copy_(torch.where(dead[:, None], new.to(self.embedding.weight.dtype),
+                                                self.embedding.weight))
+        self.idle.masked_fill_(dead, 0)
+
+    def usage(self):
+        """Codebook use since the last call: (fraction of codes picked, perplexity exp(H) of the picks,
+        at most K). Resets the counts."""
+        p = self.picked / self.picked.sum().clamp(min=1)
+        used, perplexity = (p > 0).float().mean().item(), torch.exp(-(p * p.clamp(min=1e-12).log()).sum()).item()
+        self.picked.zero_()
+        return used, perplexity
+
+
+class AutoencoderVQ(AutoencoderKL):
+    """The KL autoencoder's twin with a vector-quantised bottleneck (LDM's VQModel without its perceptual
+    and adversarial terms): the same encoder and decoder; the encoder's output goes through quant_conv to
+    z (embed_dim channels), which is snapped to the nearest of `num_codes` codes before the decoder. It
+    tokenizes an image in two ways, as the paper's Table 2 does with VQ-16: the discrete codes (for
+    cross-entropy) and the continuous z before quantisation (for the Diffusion Loss)."""
+
+    double_z = False
+
+    def __init__(self, num_codes=1024, **kwargs):
+        super().__init__(**kwargs)
+        self.quantize = VectorQuantizer(num_codes, self.embed_dim)
+        self.config["num_codes"] = num_codes
+
+    def encode(self, images):
+        """images (B, C, H, W) in [-1, 1] -> z (B, embed_dim, H/f, W/f), continuous (before quantisation)."""
+        return self.quant_conv(self.encoder(images))
+
+    def latents(self, images):
+        return self.encode(images)
+
+    @torch.no_grad()
+    def reconstruct(self, images):
+        """images -> their reconstructions through the codes, in [-1, 1]."""
+        return self.decode(self.quantize(self.encode(images))[0]).clamp(-1.0, 1.0)
+
+    def forward(self, images, labels=None):
+        """L1 reconstruction through the quantised bottleneck + the codebook and commitment terms."""
+        zq, vq_loss, _ = self.quantize(self.encode(images))
+        return (self.decode(zq).float() - images).abs().mean() + vq_loss
+
+    def log_stats(self):
+        """What train.py logs beside the loss: the codebook's use since the last log."""
+        used, perplexity = self.quantize.usage()
+        return dict(codes_used=round(used, 4), code_perplexity=round(perplexity, 1))
+
 
 VAE_CONFIGS = {
     "kl16": dict(embed_dim=16, ch_mult=(1, 1, 2, 2, 4), attn_levels=(-1,)),  # MAR's released kl16.ckpt
@@ -319,13 +446,67 @@ VAE_CONFIGS = {
 }
 
 
+# Autoencoders to train on one's own small images (train.py --model NAME; 28x28 to 64x64): LDM's
+# architecture, narrower and shallower. kl_f4: stride 4, 16 channels (28x28 -> 7x7 x 16: Table 1's 49
+# tokens of 16 with patch 1); kl_f2: stride 2, 4 channels (14x14 x 4: the same token shape with patch 2);
+# vq_f4: kl_f4's twin with 1024 codes.
+AUTOENCODERS = {
+    "kl_f4": (AutoencoderKL, dict(embed_dim=16, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=())),
+    "kl_f2": (AutoencoderKL, dict(embed_dim=4, ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_levels=())),
+    "vq_f4": (AutoencoderVQ, dict(embed_dim=16, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(),
+                                  num_codes=1024)),
+}
+
+
+def build_autoencoder(name, **overrides):
+    """AUTOENCODERS[name] with overrides (in_channels, num_codes, kl_weight, ...)."""
+    if name not in AUTOENCODERS:
+        raise ValueError(f"unknown autoencoder {name!r}; valid names: {', '.join(AUTOENCODERS)}")
+    cls, cfg = AUTOENCODERS[name]
+    kl_weight = overrides.pop("kl_weight", None)
+    vae = cls(**{**cfg, **overrides})
+    if kl_weight is not None:
+        vae.kl_weight = kl_weight
+    return vae
+
+
+@torch.no_grad()
+def latent_scale(vae, dataset, max_images=2_000, batch_size=100, device="cpu"):
+    """1 / std of the latents a tokenizer reads (posterior samples, or the VQ twin's z) over the first
+    max_images images of `dataset` (items (image in [-1, 1], label)), all elements pooled and no mean
+    subtracted: the released MAR code's 0.2325 for KL-16 is this over ImageNet. It makes the tokens
+    ~unit variance, the scale the Diffusion Loss's noise schedule assumes."""
+    n, s, s2 = 0, 0.0, 0.0
+    for start in range(0, min(len(dataset), max_images), batch_size):
+        images = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset), max_images))])
+        z = vae.latents(images.to(device)).double()
+        n, s, s2 = n + z.numel(), s + z.sum().item(), s2 + (z * z).sum().item()
+    return 1.0 / math.sqrt(s2 / n - (s / n) ** 2)
+
+
 def load_vae(path, name="kl16", **overrides):
-    """Build `VAE_CONFIGS[name]` (updated by `overrides`) and load a `{"model": state_dict}` file
-    (e.g. kl16.ckpt) strictly. Returns the autoencoder in eval mode on the CPU."""
+    """An autoencoder in eval mode on the CPU, from either file: a released `{"model": state_dict}` file
+    (e.g. kl16.ckpt: `VAE_CONFIGS[name]` updated by `overrides`, loaded strictly), or a train.py
+    checkpoint of an AUTOENCODERS model (its own config, EMA weights and latent scale; `overrides`, if
+    given, must agree with the file)."""
+    ckpt = torch_load(path)
+    trained = isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) \
+        and ckpt["config"].get("model") in AUTOENCODERS
+    if trained:
+        cfg = {k: v for k, v in ckpt["config"].items() if k != "model"}
+        vae = AUTOENCODERS[ckpt["config"]["model"]][0](**cfg)
+        differ = {k: (v, vae.config.get(k)) for k, v in overrides.items() if vae.config.get(k) != v}
+        if differ:
+            raise ValueError(f"{path!r} is another autoencoder than the one expected ({differ}: expected vs file)")
+        if "scale" not in ckpt:
+            raise ValueError(f"{path!r}: its training has not finished (the latent scale is measured at the end): "
+                             "finish it with train.py --resume, then pass it")
+        load_state_dict_strict(vae, ckpt["model_ema"], f"{ckpt['config']['model']} (EMA weights)")
+        vae.scale = ckpt["scale"]
+        return vae.eval()
     if name not in VAE_CONFIGS:
         raise ValueError(f"unknown VAE config {name!r}; choose from {sorted(VAE_CONFIGS)}")
     vae = AutoencoderKL(**{**VAE_CONFIGS[name], **overrides})
-    ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path!r} is not a VAE checkpoint: expected a dict with a 'model' state dict "
                          f"(like kl16.ckpt), found a {type(ckpt).__name__}")
@@ -460,16 +641,16 @@ class VQTokenizer(PixelTokenizer):
 class KLTokenizer:
     """Tokens from a KL autoencoder, as the released MAR code makes them: a *sample* of the posterior
     times `scale`, grouped into p x p patches (p=1 for KL-16 -> 256 tokens of 16 dims at 256x256; p=2
-    for KL-8). Decoding divides by `scale` first. `scale` defaults to KL-16's value; other VAEs need
-    their own."""
+    for KL-8). Decoding divides by `scale` first. `scale` defaults to the autoencoder's own (`vae.scale`:
+    KL-16's 0.2325 for the released weights, the measured one for an autoencoder trained here)."""
 
-    def __init__(self, vae, image_size, patch_size=1, scale=KL16_SCALE):
+    def __init__(self, vae, image_size, patch_size=1, scale=None):
         f = vae.downsample_factor
         if image_size % (f * patch_size):
             raise ValueError(f"KLTokenizer: image_size {image_size} must be divisible by VAE stride {f} "
                              f"x patch_size {patch_size}")
         self.vae = vae.eval().requires_grad_(False)  # frozen: MAR never trains the tokenizer
-        self.image_size, self.patch_size, self.scale = image_size, patch_size, scale
+        self.image_size, self.patch_size, self.scale = image_size, patch_size, vae.scale if scale is None else scale
         self.latent_size = image_size // f
         self.seq_len = (self.latent_size // patch_size) ** 2
         self.token_dim = vae.embed_dim * patch_size ** 2
@@ -501,6 +682,50 @@ class KLTokenizer:
         return self
 
 
+class VQAETokenizer(KLTokenizer):
+    """Tokens from the VQ twin (AutoencoderVQ), in one of two kinds, as the paper's Table 2 uses VQ-16:
+    continuous (the encoder's z before quantisation, times `scale`, p x p patches: for the Diffusion
+    Loss) or discrete (`discrete=True`: each latent vector snapped to its nearest code, times `scale`;
+    `indices` gives the codes and `codebook` their vectors, for the cross-entropy head, which needs
+    patch size 1). Decoding divides by `scale` and runs the decoder on what it is given, quantised or not."""
+
+    def __init__(self, vae, image_size, patch_size=1, scale=None, discrete=False):
+        super().__init__(vae, image_size, patch_size, scale)
+        if discrete and patch_size != 1:
+            raise ValueError("VQAETokenizer: discrete tokens are single codes (patch_size 1), got patch_size "
+                             f"{patch_size}")
+        self.discrete = discrete
+        if discrete:
+            self.codebook = vae.quantize.embedding.weight.detach().float() * self.scale       # (K, E)
+            self.num_codes = len(self.codebook)
+
+    @torch.no_grad()
+    def indices(self, images):
+        """(B, C, S, S) -> (B, seq_len) long code indices."""
+        _check_images(images, self.vae.in_channels, self.image_size, "VQAETokenizer")
+        return self.vae.quantize(self.vae.encode(images))[2].flatten(1)
+
+    @torch.no_grad()
+    def encode(self, images, generator=None):
+        """(B, C, S, S) -> (B, seq_len, token_dim): z (or its codes) times scale; deterministic."""
+        if self.discrete:
+            return self.codebook[self.indices(images)]
+        _check_images(images, self.vae.in_channels, self.image_size, "VQAETokenizer")
+        return patchify(self.vae.encode(images) * self.scale, self.patch_size)
+
+    def tokens_from_moments(self, moments, generator=None):
+        raise ValueError("the VQ autoencoder has no cached posterior moments: train on images, not --data latents")
+
+    def config(self):
+        return dict(super().config(), kind="vqae", discrete=self.discrete)
+
+    def to(self, device):
+        super().to(device)
+        if self.discrete:
+            self.codebook = self.codebook.to(device)
+        return self
+
+
 def build_tokenizer(cfg, vae_path=None):
     """Rebuild a tokenizer from its `.config()` dict (stored in train.py checkpoints). A KL tokenizer's
     weights are not in that dict: pass the VAE file (e.g. kl16.ckpt) as `vae_path`."""
@@ -509,11 +734,15 @@ def build_tokenizer(cfg, vae_path=None):
         return PixelTokenizer(cfg["image_size"], cfg["channels"], cfg["patch_size"])
     if kind == "vq":
         return VQTokenizer(cfg["codebook"], cfg["image_size"], cfg["channels"], cfg["patch_size"])
-    if kind == "kl":
+    if kind in ("kl", "vqae"):
         if vae_path is None:
-            raise ValueError("this tokenizer is a KL autoencoder: pass vae_path (e.g. kl16.ckpt) to load its weights")
-        return KLTokenizer(load_vae(vae_path, **cfg["vae"]), cfg["image_size"], cfg["patch_size"], cfg["scale"])
-    raise ValueError(f"unknown tokenizer kind {kind!r} in config {cfg!r}; expected 'pixel', 'vq' or 'kl'")
+            raise ValueError("this tokenizer is an autoencoder: pass vae_path (e.g. kl16.ckpt, or the train.py "
+                             "checkpoint of the autoencoder) to load its weights")
+        vae = load_vae(vae_path, **cfg["vae"])
+        if kind == "kl":
+            return KLTokenizer(vae, cfg["image_size"], cfg["patch_size"], cfg["scale"])
+        return VQAETokenizer(vae, cfg["image_size"], cfg["patch_size"], cfg["scale"], cfg["discrete"])
+    raise ValueError(f"unknown tokenizer kind {kind!r} in config {cfg!r}; expected 'pixel', 'vq', 'kl' or 'vqae'")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ Run:
   python train.py --data fashion_mnist --no-hflip --model ar_tiny --order random
   # continue a run exactly where it stopped (Ctrl-C / SIGTERM saves a checkpoint first):
   python train.py --resume output/checkpoint-last.pth
+  # a tokenizer for your own small images (LDM's autoencoder, tokenizer.AUTOENCODERS), then MAR on its
+  # latents (the latent scale is measured at the end of the first run and read from its checkpoint):
+  python train.py --model kl_f4 --data folder --data_path my_images --image_size 32 --output_dir out/kl
+  python train.py --data folder --data_path my_images --image_size 32 --vae out/kl/checkpoint-last.pth
 
 Reproducibility. The global batch of step s is cut into world_size * accum_iter shards of batch_size
 images. Shard j of step s gets its images from a seeded per-epoch permutation, its flips and every
@@ -56,7 +60,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import mar
 import tokenizer as tk
 from sample import (DEFAULT_OUTPUT_DIR, PRECISIONS, SAMPLE_PRECISION, autocast, default_device_type, describe_precision,
-                    generate, grid_classes, print0, resolve_precision, save_grid, setup_distributed)
+                    generate, grid_classes, print0, resolve_precision, save_grid, setup_distributed, to_uint8)
 
 DATA_SOURCES = ("builtin", "folder", "latents", "array", "fashion_mnist")
 
@@ -198,14 +202,15 @@ def load_data(args):
 
 
 def make_tokenizer(args, dataset):
-    """Pixel patches (small images) or KL-16 latents (--vae); checks the image size against the data."""
+    """Pixel patches (small images), or an autoencoder's latents (--vae: KL-16, or one trained here, a VQ
+    one's codes for --head ce); checks the image size against the data. An autoencoder run reads pixels."""
     if args.vae is None:
         if args.data == "latents":
             raise ValueError("--data latents holds VAE posteriors: pass the --vae that cached them (kl16.ckpt)")
         size = getattr(dataset, "image_size", args.image_size)
         if args.image_size not in (None, size):
             raise ValueError(f"--image_size {args.image_size} but the {args.data} images are {size}x{size}")
-        if args.vq is not None:
+        if args.vq is not None and args.model not in tk.AUTOENCODERS:
             return vq_tokenizer(args, dataset, size)
         return tk.PixelTokenizer(size, dataset.channels, args.patch_size)
     vae = tk.load_vae(args.vae)
@@ -213,6 +218,11 @@ def make_tokenizer(args, dataset):
         size = dataset.moments.shape[-1] * vae.downsample_factor
     else:
         size = getattr(dataset, "image_size", args.image_size or 256)
+    if isinstance(vae, tk.AutoencoderVQ):
+        return tk.VQAETokenizer(vae, size, args.patch_size, discrete=args.head == "ce")
+    if args.head == "ce":
+        raise ValueError(f"--head ce needs discrete tokens: --vae {args.vae} is a KL autoencoder (continuous); "
+                         "pass a VQ autoencoder's checkpoint, or --vq K on pixels")
     return tk.KLTokenizer(vae, size, args.patch_size)
 
 
@@ -266,7 +276,7 @@ def update_ema(ema, model, decay, step):
 MUST_MATCH = ("model", "data", "image_size", "patch_size", "hflip", "seed", "batch_size", "shards", "blr",
               "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay", "head", "vq", "order",
               "diffloss_w", "mask_ratio_min", "mask_ratio_law", "pos_embed_init", "dropout", "encoder_depth",
-              "decoder_depth", "precision")
+              "decoder_depth", "precision", "kl_weight")
 
 
 def save_checkpoint(path, state):
@@ -375,7 +385,9 @@ MAR_DEFAULTS = {k: p.default for k, p in inspect.signature(mar.MAR).parameters.i
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", default="mar_tiny", choices=list(mar.MODELS), help="size from mar.MODELS")
+    a("--model", default="mar_tiny", choices=list(mar.MODELS) + list(tk.AUTOENCODERS),
+      help="size from mar.MODELS, or an autoencoder to train as a tokenizer (tokenizer.AUTOENCODERS: kl_f4, "
+           "kl_f2, vq_f4)")
     a("--data", default="builtin", choices=DATA_SOURCES,
       help="builtin: shapes drawn by code; folder: root/<class>/<images>; latents: a tokenizer.cache_latents "
            "directory; array: .npz/.npy of uint8 images; fashion_mnist: its idx files")
@@ -383,9 +395,13 @@ def build_parser():
     a("--image_size", type=int, default=None, help="builtin / folder image size (default 16 / 256)")
     a("--patch_size", type=int, default=None,
       help="token = p x p patch: VAE latents (default 1), pixels (default 4; 8 on --data builtin)")
-    a("--vae", default=None, help="kl16.ckpt: model KL-16 latents instead of pixels")
+    a("--vae", default=None, help="kl16.ckpt, or the checkpoint of an autoencoder trained here: model its "
+                                  "latents instead of pixels (a VQ one's codes with --head ce)")
     a("--vq", type=int, default=None, metavar="K",
-      help="discrete tokens (Table 1's CE baseline): snap each pixel patch to the nearest of K k-means codes")
+      help="discrete tokens (Table 1's CE baseline): snap each pixel patch to the nearest of K k-means codes; "
+           "vq_* autoencoders: their codebook size (default 1024)")
+    a("--kl_weight", type=float, default=None,
+      help="kl_* autoencoders: weight of the KL term per pixel (default LDM's 1e-6)")
     a("--codebook", default=None, help="--vq codebook file: loaded if it exists, else fitted (seeded by --seed) "
                                        "and written there (default: OUTPUT_DIR/codebook.pth)")
     a("--head", default="diffusion", choices=mar.HEADS,
@@ -448,6 +464,7 @@ def resolve_defaults(args):
     for the truncnorm law; the lower end is stored with every law (the others ignore it). ar_* models do
     not mask: they record the truncnorm law and no lower end."""
     builtin, is_mar = args["data"] == "builtin", args["model"].startswith("mar_")
+    autoencoder = args["model"] in tk.AUTOENCODERS                 # reads whole images: no patches, no order
     # The built-in shapes' own defaults, chosen with experiments/shapes_judge.py (experiments/README.md): 4
     # tokens of 8x8 pixels, and the masked count uniform on 1..4, since with 4 tokens the paper's N(1, 0.25)
     # on [0.7, 1] trains with at most one known while generation conditions on up to three (the uniform law
@@ -455,8 +472,8 @@ def resolve_defaults(args):
     # chosen by hand the shapes keep its lower end 0, their default before the uniform law.
     shapes_law = is_mar and builtin and args["mask_ratio_min"] is None
     derived = {
-        "patch_size": 1 if args["vae"] else 8 if builtin else 4,
-        "order": None if is_mar else "raster",
+        "patch_size": 1 if args["vae"] or autoencoder else 8 if builtin else 4,
+        "order": "raster" if args["model"].startswith("ar_") else None,
         "mask_ratio_law": "uniform" if shapes_law else MAR_DEFAULTS["mask_ratio_law"],
         "mask_ratio_min": None if not is_mar else 0.0 if builtin else MAR_DEFAULTS["mask_ratio_min"],
     }
@@ -486,9 +503,26 @@ def get_args(argv=None):
                            ("ema_decay", 0 <= args.ema_decay <= 1, "in [0, 1] (paper: 0.9999)")):
         if not ok:
             raise ValueError(f"--{name} must be {want}, got {getattr(args, name)}")
-    if args.head == "ce" and args.vq is None:
-        raise ValueError("--head ce is a softmax over discrete codes: add --vq K (e.g. --vq 1024)")
-    if args.vq is not None and (args.vq < 2 or args.vae is not None):
+    if args.head == "ce" and args.vq is None and args.vae is None:
+        raise ValueError("--head ce is a softmax over discrete codes: add --vq K (e.g. --vq 1024), or a VQ "
+                         "autoencoder's --vae")
+    if args.model in tk.AUTOENCODERS:
+        # An autoencoder reads whole images: MAR's token and model flags would be ignored, so they are errors.
+        ignored = [f for f in ("vae", "codebook", "order", "diffloss_w", "mask_ratio_min", "mask_ratio_law",
+                               "encoder_depth", "decoder_depth", "dropout", "patch_size") if getattr(args, f) is not None]
+        ignored += [f for f, on in (("head", args.head != "diffusion"), ("compile", args.compile),
+                                    ("grad_checkpointing", args.grad_checkpointing),
+                                    ("pos_embed_init", args.pos_embed_init != MAR_DEFAULTS["pos_embed_init"]),
+                                    ("vq", args.vq is not None and not args.model.startswith("vq_")),
+                                    ("kl_weight", args.kl_weight is not None and not args.model.startswith("kl_"))) if on]
+        if ignored:
+            raise ValueError(f"--model {args.model} trains an autoencoder: drop {', '.join('--' + f for f in ignored)} "
+                             "(MAR's flags; --vq is the vq_* codebook size, --kl_weight the kl_* KL weight)")
+    elif args.kl_weight is not None:
+        raise ValueError("--kl_weight is for the kl_* autoencoders (--model kl_f4 / kl_f2)")
+    if args.kl_weight is not None and not 0 <= args.kl_weight < math.inf:
+        raise ValueError(f"--kl_weight must be a finite number >= 0, got {args.kl_weight}")
+    if args.vq is not None and (args.vq < 2 or args.vae is not None):   # (an autoencoder's codebook: K >= 2)
         raise ValueError(f"--vq {args.vq}: needs K >= 2 and pixel tokens (it quantizes pixel patches, not --vae latents)")
     if args.mask_ratio_min is not None and (args.model.startswith("ar_") or not 0 <= args.mask_ratio_min <= 1):
         raise ValueError(f"--mask_ratio_min {args.mask_ratio_min}: needs a mar_* model (ar_* models do not mask) "
@@ -522,7 +556,11 @@ def model_kwargs(args, tokenizer):
     """mar.build_model's keyword arguments for this run (get_args' resolved values; the caller adds
     num_classes): the token shape, then each model flag, always handed over. A flag left None stands for
     the model's own value (mar.MODELS, or the class's default) and is not passed. The mask ratio and the
-    depths of the two halves exist for mar_* models only, the order for ar_* models only."""
+    depths of the two halves exist for mar_* models only, the order for ar_* models only. An autoencoder
+    (tokenizer.build_autoencoder) gets the images' channels, its codebook size and its KL weight."""
+    if args.model in tk.AUTOENCODERS:
+        kw = dict(in_channels=tokenizer.channels, num_codes=args.vq, kl_weight=args.kl_weight)
+        return {k: v for k, v in kw.items() if v is not None}
     kw = dict(seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim, head=args.head,
               num_codes=tokenizer.num_codes if args.head == "ce" else None,
               clip_x0=tokenizer.token_bound if args.head == "diffusion" else None,  # bounded tokens: clip x0 (DiffLoss)
@@ -671,7 +709,14 @@ def train(args, rank, world, device):
         check_resume(ckpt, run_args, tokenizer.config())
 
     torch.manual_seed(args.seed)                                         # same initial weights on every rank
-    model = mar.build_model(args.model, num_classes=dataset.num_classes, **model_kwargs(args, tokenizer))
+    autoencoder = args.model in tk.AUTOENCODERS                          # a tokenizer to train: it reads pixels
+    if autoencoder:
+        model = tk.build_autoencoder(args.model, **model_kwargs(args, tokenizer))
+        if tokenizer.image_size % model.downsample_factor:
+            raise ValueError(f"--model {args.model} downsamples by {model.downsample_factor}: the images "
+                             f"({tokenizer.image_size}x{tokenizer.image_size}) must be a multiple of it (--image_size)")
+    else:
+        model = mar.build_model(args.model, num_classes=dataset.num_classes, **model_kwargs(args, tokenizer))
     if args.head == "ce":                        # the head samples codes: it holds the tokenizer's codebook
         model.diffloss.codebook.copy_(tokenizer.codebook)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -706,7 +751,9 @@ def train(args, rank, world, device):
     if is_main:
         start_metrics(metrics, step if ckpt is not None else None)
     n_params = sum(p.numel() for p in model.parameters())
-    print0(f"{args.model}: {n_params / 1e6:.2f}M parameters, tokens {tokenizer.seq_len} x {tokenizer.token_dim}, "
+    reads = f"images {tokenizer.image_size}x{tokenizer.image_size}x{tokenizer.channels}" if autoencoder else \
+        f"tokens {tokenizer.seq_len} x {tokenizer.token_dim}"
+    print0(f"{args.model}: {n_params / 1e6:.2f}M parameters, {reads}, "
            f"{dataset.num_classes} classes, {len(dataset)} images | {world} process(es) on {device}, "
            f"{describe_precision(args.precision, device.type)}, global batch "
            f"{global_batch}, lr {peak_lr:.2e}, {stop_step} steps"
@@ -714,15 +761,23 @@ def train(args, rank, world, device):
            + f", {steps_per_epoch:.1f} steps/epoch"
            + (f", resuming at step {step}" if step else ""))
 
+    finished = {}                                # an autoencoder's latent scale, measured at the end
+
     def checkpoint():
         if is_main:
             save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "model_ema": ema.state_dict(), "config": model.config,
+                "model": model.state_dict(), "model_ema": ema.state_dict(), "config": {**model.config, "model": args.model},
                 "tokenizer": tokenizer.config(), "optimizer": opt.state_dict(), "step": step,
-                "epoch": int(step / steps_per_epoch), "args": run_args})
+                "epoch": int(step / steps_per_epoch), "args": run_args, **finished})
 
     def preview():
-        if is_main and args.sample_every > 0:
+        if is_main and args.sample_every > 0 and autoencoder:    # rows of 8 images, each above its reconstruction
+            x = torch.stack([dataset[i][0] for i in range(min(32, len(dataset)))]).to(device)
+            with torch.no_grad():
+                rec = ema.reconstruct(x)
+            rows = [part for k in range(0, len(x), 8) for part in (x[k:k + 8], rec[k:k + 8])]
+            save_grid(to_uint8(torch.cat(rows)), os.path.join(args.output_dir, f"reconstructions_{step:07d}.png"), 8)
+        elif is_main and args.sample_every > 0:
             labels = torch.tensor(grid_classes(dataset.num_classes), device=device).repeat_interleave(8)
             g = torch.Generator(device).manual_seed(args.seed)
             images = generate(ema, tokenizer, labels, g,           # sample.py's defaults: no CFG, 64 steps (<= seq)
@@ -750,7 +805,8 @@ def train(args, rank, world, device):
                 x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 torch.manual_seed(shard_seed(args.seed, step, my_shards[a]))  # all of the model's draws
                 with torch.no_grad():                                     # tokens in fp32: frozen tokenizer
-                    tokens = tokenizer.tokens_from_moments(x) if args.data == "latents" else tokenizer.encode(x)
+                    tokens = x if autoencoder else \
+                        tokenizer.tokens_from_moments(x) if args.data == "latents" else tokenizer.encode(x)
                 sync = a == args.accum_iter - 1 or world == 1             # DDP all-reduces on the last one
                 with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, args.precision):
                     loss = ddp(tokens, labels) / args.accum_iter
@@ -789,8 +845,11 @@ def train(args, rank, world, device):
                 row = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=loss_sum.item() / window_steps,
                            lr=lr, grad_norm=round(grad_norm.item(), 4), images_per_s=round(window_steps * global_batch / elapsed, 1),
                            elapsed_s=round(time.time() - t_start, 1))
+                stats = model.log_stats() if hasattr(model, "log_stats") else {}     # e.g. a codebook's use
+                row.update(stats)
                 print0(f"step {step}/{stop_step} | epoch {row['epoch']:.2f} | loss {row['loss']:.4f} | lr {lr:.2e} | "
-                       f"{row['images_per_s']:.0f} img/s | ETA {duration(eta)}")
+                       f"{row['images_per_s']:.0f} img/s | ETA {duration(eta)}"
+                       + "".join(f" | {k} {v}" for k, v in stats.items()))
                 if is_main:
                     with open(metrics, "a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -803,6 +862,13 @@ def train(args, rank, world, device):
             if stopping:
                 print0(f"stopped by signal at step {step}; continue with --resume {ckpt_path}")
                 break
+    if autoencoder and step == stop_step:
+        # The latent scale (1 / std of the latents over the training images, as 0.2325 is for KL-16 on
+        # ImageNet), stored in the checkpoint: train.py --vae and sample.py read it from there.
+        finished["scale"] = tk.latent_scale(ema, dataset, device=device)
+        print0(f"latent scale {finished['scale']:.4f} (1 / std of the latents over "
+               f"{min(len(dataset), 2_000)} training images): use this checkpoint as --vae {ckpt_path}")
+        checkpoint()
     print0(f"done: step {step}, {time.time() - t_start:.0f} s; checkpoint {ckpt_path}")
     return stop.signal
 
