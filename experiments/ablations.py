@@ -46,7 +46,7 @@ a Table 1 run used, if not the defaults, in --table1_args):
     training images vs the test set) is recorded and drawn in every plot: it is the first N rows of
     Table 1's cached training-reference features, since lab.balanced_subset is prefix-consistent
     (image i is the (i // 10)-th of class i % 10 in one seeded permutation, whatever the total).
-  * W/ CFG curves use one scale w: Table 1's choice for the row (table1.best_cfg of "mar16_diffusion";
+  * W/ CFG curves use one scale w: Table 1's choice for the row (lab.best_cfg of "mar16_diffusion";
     "ar_raster_diffusion" for AR) once its sweep is complete in --table1, else --cfg (3.0); each record
     says which (cfg_source). The MLP widths all use the 256 run's w.
   * Sampling: EMA weights, fp32, batches of --batch, batch b seeded with (--seed, b) as table1.py; the
@@ -101,7 +101,7 @@ ROW_LOSS = {"mar16_diffusion": "Diff Loss", "mar16_ce": "CrossEnt"}      # Table
 # ------------------------------------------------------------------------------------------------
 def guidance(t1, t1_records, row, default):
     """(scale, source) for the w/ CFG curves: Table 1's choice for `row` once its sweep is complete."""
-    w = table1.best_cfg(t1, t1_records, row, **(lab.latest_key(t1_records, row=row, kind="sweep") or {}))
+    w = lab.best_cfg(t1, t1_records, row, **(lab.latest_key(t1_records, row=row, kind="sweep") or {}))
     return (w, f"table1 {row}") if w is not None else (default, "--cfg")
 
 
@@ -260,7 +260,7 @@ def tokenizer_table(t1, t1_records):
         key = lab.latest_key(finals) or {}                    # Table 1's latest weights of the row
         finals = lab.find(finals, **key)
         plain = [r for r in finals if r["cfg"] == 1.0]
-        w = table1.best_cfg(t1, t1_records, row, **key)
+        w = lab.best_cfg(t1, t1_records, row, **key)
         guided = [r for r in finals if r["cfg"] == w]
         t = tokens.get(name)
         cells = [label, ROW_LOSS[row], lab.fmt(t and t["mse"], 4),

@@ -43,6 +43,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
@@ -76,7 +77,7 @@ def sweep_key(t1, records, label, n_train):
     snap = snapshot(curve_dir(t1, label), TABLE1_EPOCHS)
     if os.path.exists(snap):
         keys.append(lab.checkpoint_key(*mar.load_checkpoint(snap)))          # preferred: tried first
-    return next((key for key in reversed(keys) if table1.best_cfg(t1, records, row, **key) is not None), None)
+    return next((key for key in reversed(keys) if lab.best_cfg(t1, records, row, **key) is not None), None)
 
 
 def guided_settings(t1, label, n_train, models):
@@ -86,13 +87,13 @@ def guided_settings(t1, label, n_train, models):
     curve (`models`) has one, so that no line gets a sampler tuned more than the others'. Each is a line."""
     records = lab.read_records(t1.out)
 
-    def choices(lab):
-        row, key = MODELS[lab][2], sweep_key(t1, records, lab, n_train)
+    def choices(model):
+        row, key = MODELS[model][2], sweep_key(t1, records, model, n_train)
         if key is None:
-            raise RuntimeError(f"{lab}: Table 1 has no complete CFG sweep of row {row} at "
-                               f"{steps_at(t1, lab, TABLE1_EPOCHS, n_train)} steps yet: run experiments/table1.py "
+            raise RuntimeError(f"{model}: Table 1 has no complete CFG sweep of row {row} at "
+                               f"{steps_at(t1, model, TABLE1_EPOCHS, n_train)} steps yet: run experiments/table1.py "
                                f"--rows {row} first (the curve samples with its choice)")
-        return table1.best_setting(t1, records, row, **key), table1.best_cfg(t1, records, row, **key)
+        return lab.best_setting(t1, records, row, **key), lab.best_cfg(t1, records, row, **key)
     joint, cfg = choices(label)
     tuned = all(choices(m)[0] is not None for m in models)
     return [("cfg sweep", (cfg, 1.0))] + ([("joint sweep", joint)] if tuned else [])
@@ -396,7 +397,7 @@ def main(argv=None, inception=None):
         print(open(args.table).read())
         return
     t1 = table1.get_args(shlex.split(args.table1_args) + ["--runs_dir", args.runs_dir])
-    ev = lab.Evaluator(t1, inception)
+    ev = lab.Evaluator(t1, inception, measures=not args.train_only)
     n_train = len(ev.train_set)
     for label in args.models:
         seed_from_table1(t1, label, n_train)
@@ -405,7 +406,7 @@ def main(argv=None, inception=None):
     todo = [(epochs, label) for epochs in args.budgets for label in args.models]
     while todo:
         for epochs, label in todo:
-            if any(e < epochs for e, lab in todo if lab == label):
+            if any(e < epochs for e, m in todo if m == label):
                 continue
             path = train_to(t1, label, epochs, n_train)
             if path is not None:
@@ -414,9 +415,9 @@ def main(argv=None, inception=None):
                     measure(args, t1, ev, label, epochs, path, args.num)
                 break
         else:
-            heads = [f"{lab} at {e:g} epochs" for e, lab in todo if not any(f < e for f, m in todo if m == lab)]
+            heads = [f"{m} at {e:g} epochs" for e, m in todo if not any(f < e for f, o in todo if o == m)]
             print(f"curve: waiting for {', '.join(heads)} (other processes train them)", flush=True)
-            lab.time.sleep(30)
+            time.sleep(30)
     if not args.train_only:
         for label in args.models:
             measure(args, t1, ev, label, args.budgets[-1], snapshot(curve_dir(t1, label), args.budgets[-1]),

@@ -38,6 +38,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fid  # noqa: E402
+import mar  # noqa: E402
 import tokenizer as tk  # noqa: E402
 import train  # noqa: E402
 from sample import generate  # noqa: E402
@@ -134,6 +135,114 @@ def claim(args, **key):
         finally:
             os.remove(lock)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# A table row (Table 1's protocol): FID w/o CFG, w/ the CFG scale of a sweep, w/ a joint CFG and
+# temperature sweep; the sweeps against the training images, the finals against the test set
+# ------------------------------------------------------------------------------------------------
+def best_cfg(args, records, row, **key):
+    """The sweep's choice: the grid scale with the lowest FID against the training images (None while
+    the sweep is incomplete). The latest record of a scale counts (records are in time order)."""
+    sweep = {r["cfg"]: r["fid"]
+             for r in find(records, row=row, kind="sweep", n=args.num_sweep, **setting(args), **key)
+             if r.get("temperature", 1.0) == 1.0}
+    if not all(c in sweep for c in args.cfg_grid):
+        return None
+    return min(args.cfg_grid, key=lambda c: sweep[c])
+
+
+def joint_grid(args, cfg):
+    """The (CFG scale, temperature) points of the joint sweep around the chosen scale `cfg`: its grid
+    neighbours and itself, each at temperature 1.0 (the CFG sweep's points) and --temperature_grid."""
+    i = args.cfg_grid.index(cfg)
+    return [(c, t) for c in args.cfg_grid[max(0, i - 1):i + 2] for t in [1.0] + args.temperature_grid]
+
+
+def best_setting(args, records, row, **key):
+    """The joint sweep's choice (scale, temperature) with the lowest FID against the training images, as
+    the paper tunes both per model (None while the sweep is incomplete, and with an empty
+    --temperature_grid: temperature 1.0 alone is the CFG sweep, not a joint one)."""
+    cfg = best_cfg(args, records, row, **key)
+    if cfg is None or not args.temperature_grid:
+        return None
+    sweep = {(r["cfg"], r.get("temperature", 1.0)): r["fid"]
+             for r in find(records, row=row, kind="sweep", n=args.num_sweep, **setting(args), **key)}
+    grid = joint_grid(args, cfg)
+    return min(grid, key=lambda p: sweep[p]) if all(p in sweep for p in grid) else None
+
+
+def load_row_model(args, ckpt_path):
+    """A train.py checkpoint -> (model with args.num_sampling_steps, checkpoint, its tokenizer). An
+    autoencoder's weights come from the --vae the run trained with."""
+    model, ckpt = mar.load_checkpoint(ckpt_path)
+    model.diffloss.set_sampling_steps(args.num_sampling_steps)
+    vae = ckpt["args"].get("vae") if isinstance(ckpt.get("args"), dict) else None
+    return model, ckpt, tk.build_tokenizer(ckpt["tokenizer"], vae)
+
+
+def measure_row(args, ev, row, model, tokenizer, ckpt, num_iter, common, temperatures, on_record, who):
+    """Every measurement of a row that the JSONL (args.out) lacks and no other process is taking: the CFG
+    sweep (--num_sweep samples vs the training images), then, if `temperatures` (Diffusion Loss rows), the
+    joint sweep around the chosen scale, then the finals (--num_fid vs the test set) w/o CFG and at the
+    choices. A sitting cut short keeps the choices; a process beside this one takes the next point.
+    common: the fields every record of the row holds; on_record() runs after each record (the table)."""
+    ckpt_key = checkpoint_key(model, ckpt)
+
+    def measure(kind, cfg, n, ref, temperature=1.0):   # other weights (trained further, or retrained) are
+        tau = {} if temperature == 1.0 else dict(temperature=temperature)          # measured again
+        with claim(args, row=row, kind=kind, cfg=cfg, n=n, **ckpt_key, **tau, **setting(args)) as mine:
+            if mine:
+                images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg, temperature=temperature)
+                append_record(args.out, dict(common, row=row, **ckpt_key, kind=kind, cfg=cfg, n=n, ref=ref,
+                                             fid=ev.fid(images, ref), s_per_image=round(s_per_image, 4), **tau),
+                              who=who)
+                on_record()
+
+    best = joint = None
+    if not args.no_cfg:
+        for cfg in args.cfg_grid:
+            measure("sweep", cfg, args.num_sweep, "train")
+        best = best_cfg(args, read_records(args.out), row, **ckpt_key)
+        if best is None:
+            print(f"{who}: {row}: the CFG sweep is still being measured by another process; that process (or "
+                  f"a later call) measures the FID w/ CFG", flush=True)
+        elif temperatures and args.temperature_grid:
+            for cfg, temperature in joint_grid(args, best):
+                measure("sweep", cfg, args.num_sweep, "train", temperature)
+            joint = best_setting(args, read_records(args.out), row, **ckpt_key)
+            if joint is None:
+                print(f"{who}: {row}: the joint CFG / temperature sweep is still being measured by another "
+                      f"process", flush=True)
+    measure("final", 1.0, args.num_fid, "test")
+    if best is not None:
+        measure("final", best, args.num_fid, "test")
+    if joint is not None:
+        measure("final", joint[0], args.num_fid, "test", joint[1])
+
+
+def row_results(args, records, row):
+    """A row's finals at its latest measured checkpoint: dict(plain (w/o CFG), guided (at the sweep's
+    scale), tuned (at the joint sweep's setting), edge (the scale is at the grid's edge), latest record),
+    each None until measured; None if the row has no final."""
+    finals = find(records, row=row, kind="final", n=args.num_fid, **setting(args))
+    if not finals:
+        return None
+    key = latest_key(finals)                          # the latest checkpoint measured
+    finals = list(reversed(find(finals, **key)))      # latest first
+    at = lambda cfg, temperature=1.0: next((r for r in finals if (r["cfg"], r.get("temperature", 1.0))
+                                             == (cfg, temperature)), None)
+    guided, joint = at(best_cfg(args, records, row, **key)), best_setting(args, records, row, **key)
+    return dict(plain=at(1.0), guided=guided, tuned=joint and at(*joint), latest=finals[0],
+                edge=guided is not None and guided["cfg"] in (min(args.cfg_grid), max(args.cfg_grid)))
+
+
+def fid_cells(res):
+    """Table 1's three FID cells of row_results(...): w/o CFG, w/ CFG (scale), tuned (scale, temperature)."""
+    plain, guided, tuned = (res or {}).get("plain"), (res or {}).get("guided"), (res or {}).get("tuned")
+    return [fmt(plain and plain["fid"]),
+            "-" if guided is None else f"{guided['fid']:.2f} ({guided['cfg']:g}{', edge of grid' if res['edge'] else ''})",
+            "-" if tuned is None else f"{tuned['fid']:.2f} ({tuned['cfg']:g}, {tuned.get('temperature', 1.0):g})"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,8 +380,19 @@ def stats(features):
     return fid.feature_statistics(np.asarray(features, np.float64))
 
 
+def check_inception(path):
+    """Before any work starts: a run that trains for hours must not stop at its first FID."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--inception {path!r} not found: pass the FID Inception weights "
+                                "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+
+
 class Evaluator:
-    def __init__(self, args, inception=None):
+    def __init__(self, args, inception=None, measures=True):
+        """measures: whether this process will measure FID (False: --train_only), so that a missing
+        --inception is found now rather than after the training."""
+        if inception is None and measures:
+            check_inception(args.inception)
         self.args = args
         self.train_set = tk.load_fashion_mnist(args.data_path or tk.FASHION_MNIST_DIR, "train")
         self.test_set = tk.load_fashion_mnist(args.data_path or tk.FASHION_MNIST_DIR, "test")
@@ -280,9 +400,7 @@ class Evaluator:
 
     def inception(self):
         if self._inception is None:
-            if not os.path.isfile(self.args.inception):
-                raise FileNotFoundError(f"--inception {self.args.inception!r} not found: pass the FID Inception "
-                                        "weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+            check_inception(self.args.inception)
             self._inception = fid.load_inception(self.args.inception)
         return self._inception
 

@@ -154,7 +154,7 @@ def main(argv=None, inception=None):
                          + (["--max_steps", str(args.max_steps)] if args.max_steps else []))
     if not 2 <= args.num <= t1.num_fid:
         raise ValueError(f"--num must be in 2..{t1.num_fid} (the training-set reference holds --num_fid images)")
-    ev = lab.Evaluator(t1, inception)
+    ev = lab.Evaluator(t1, inception, measures=not args.train_only)
     specs = {name: training_spec(name) for name in args.candidates}
     paths = lab.train_all({spec: table1.run_spec(t1, *spec) for spec in set(specs.values())}, len(ev.train_set))
     if args.train_only:

@@ -549,6 +549,8 @@ def main(argv=None, inception=None):
     args.train_set, args.test_set = tk.load_fashion_mnist(path, "train"), tk.load_fashion_mnist(path, "test")
     order = balanced_order(args.train_set.labels, args.seed)
     check_sizes(args.sizes, len(order), args.num_val)
+    if "samples" in args.parts and inception is None:
+        lab.check_inception(args.inception)             # now, not after hours of training
     data = {n: subset_file(args, order, n) for n in args.sizes}
     runs = [(n, label) for n in args.sizes for label in args.models]
     # Stage by stage: every run's first stage, then every run's second, ...: comparable curves early. The

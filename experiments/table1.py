@@ -70,7 +70,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
 import fid  # noqa: E402
 import lab  # noqa: E402
-import mar  # noqa: E402
 import tokenizer as tk  # noqa: E402
 import train  # noqa: E402
 from sample import PRECISIONS  # noqa: E402
@@ -137,40 +136,6 @@ PAPER = {
 
 
 # ------------------------------------------------------------------------------------------------
-# The sweeps' choices, from the JSONL
-# ------------------------------------------------------------------------------------------------
-def best_cfg(args, records, row, **key):
-    """The sweep's choice: the grid scale with the lowest FID against the training images (None while
-    the sweep is incomplete). The latest record of a scale counts (records are in time order)."""
-    sweep = {r["cfg"]: r["fid"]
-             for r in lab.find(records, row=row, kind="sweep", n=args.num_sweep, **lab.setting(args), **key)
-             if r.get("temperature", 1.0) == 1.0}
-    if not all(c in sweep for c in args.cfg_grid):
-        return None
-    return min(args.cfg_grid, key=lambda c: sweep[c])
-
-
-def joint_grid(args, cfg):
-    """The (CFG scale, temperature) points of the joint sweep around the chosen scale `cfg`: its grid
-    neighbours and itself, each at temperature 1.0 (the CFG sweep's points) and --temperature_grid."""
-    i = args.cfg_grid.index(cfg)
-    return [(c, t) for c in args.cfg_grid[max(0, i - 1):i + 2] for t in [1.0] + args.temperature_grid]
-
-
-def best_setting(args, records, row, **key):
-    """The joint sweep's choice (scale, temperature) with the lowest FID against the training images, as
-    the paper tunes both per model (None while the sweep is incomplete, and with an empty
-    --temperature_grid: temperature 1.0 alone is the CFG sweep, not a joint one)."""
-    cfg = best_cfg(args, records, row, **key)
-    if cfg is None or not args.temperature_grid:
-        return None
-    sweep = {(r["cfg"], r.get("temperature", 1.0)): r["fid"]
-             for r in lab.find(records, row=row, kind="sweep", n=args.num_sweep, **lab.setting(args), **key)}
-    grid = joint_grid(args, cfg)
-    return min(grid, key=lambda p: sweep[p]) if all(p in sweep for p in grid) else None
-
-
-# ------------------------------------------------------------------------------------------------
 # Training runs: train.py's arguments and directory for each of RUNS
 # ------------------------------------------------------------------------------------------------
 def run_dir(args, name, suffix=""):
@@ -219,51 +184,18 @@ def vq_tokenizer(args, train_set):
 # ------------------------------------------------------------------------------------------------
 def evaluate_row(args, ev, row, ckpt_path):
     run, num_iter, _ = ROWS[row]
-    model, ckpt = mar.load_checkpoint(ckpt_path)
-    model.diffloss.set_sampling_steps(args.num_sampling_steps)
-    tokenizer = tk.build_tokenizer(ckpt["tokenizer"])
+    model, ckpt, tokenizer = lab.load_row_model(args, ckpt_path)
     all_test = lab.uint8_images(ev.test_set, torch.arange(len(ev.test_set)))
     recon_mse, recon_psnr, _ = lab.token_quality(tokenizer, all_test)
-    ckpt_key = lab.checkpoint_key(model, ckpt)
-    common = dict(row=row, run=run, num_iter=num_iter or SEQ_LEN, **ckpt_key,
+    common = dict(run=run, num_iter=num_iter or SEQ_LEN,
                   recon_mse=recon_mse, recon_psnr_db=recon_psnr,       # the tokenizer on the test images
                   train_time_s=lab.training_time(os.path.dirname(ckpt_path)),
                   params=sum(p.numel() for p in model.parameters()),
                   head_params=sum(p.numel() for p in model.diffloss.parameters()),
                   batch=args.batch, threads=torch.get_num_threads(), **lab.setting(args),
                   tokens=f"vq{tokenizer.num_codes}" if isinstance(tokenizer, tk.VQTokenizer) else "pixel")
-
-    def measure(kind, cfg, n, ref, temperature=1.0):   # other weights (trained further, or retrained) are
-        tau = {} if temperature == 1.0 else dict(temperature=temperature)          # measured again
-        with lab.claim(args, row=row, kind=kind, cfg=cfg, n=n, **ckpt_key, **tau, **lab.setting(args)) as mine:
-            if mine:
-                images, s_per_image = ev.sample(model, tokenizer, n, num_iter, cfg, temperature=temperature)
-                lab.append_record(args.out, dict(common, kind=kind, cfg=cfg, n=n, ref=ref, fid=ev.fid(images, ref),
-                                                 s_per_image=round(s_per_image, 4), **tau), who="table1")
-                write_table(args)
-
-    # The sweeps first (N = --num_sweep each, cheap), then the finals at the chosen settings (N = --num_fid):
-    # a sitting cut short keeps the choices, and a process beside this one can take a sweep point meanwhile.
-    best = joint = None
-    if not args.no_cfg:
-        for cfg in args.cfg_grid:
-            measure("sweep", cfg, args.num_sweep, "train")
-        best = best_cfg(args, lab.read_records(args.out), row, **ckpt_key)
-        if best is None:
-            print(f"table1: {row}: the CFG sweep is still being measured by another process; that process (or "
-                  f"a later call) measures the FID w/ CFG", flush=True)
-        elif RUNS[run][2] == "diffusion" and args.temperature_grid:
-            for cfg, temperature in joint_grid(args, best):
-                measure("sweep", cfg, args.num_sweep, "train", temperature)
-            joint = best_setting(args, lab.read_records(args.out), row, **ckpt_key)
-            if joint is None:
-                print(f"table1: {row}: the joint CFG / temperature sweep is still being measured by another "
-                      f"process", flush=True)
-    measure("final", 1.0, args.num_fid, "test")
-    if best is not None:
-        measure("final", best, args.num_fid, "test")
-    if joint is not None:
-        measure("final", joint[0], args.num_fid, "test", joint[1])
+    lab.measure_row(args, ev, row, model, tokenizer, ckpt, num_iter, common, RUNS[run][2] == "diffusion",
+                    lambda: write_table(args), "table1")
 
 
 def evaluate_floor(args, ev):
@@ -300,24 +232,13 @@ def write_table(args):
              "paper FID w/o, w/ CFG | s / image w/o, w/ CFG | params (head) | train time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, (run, num_iter, labels) in ROWS.items():
-        finals = lab.find(records, row=row, kind="final", n=args.num_fid, **lab.setting(args))
-        if not finals:
+        if lab.row_results(args, records, row) is None:
             lines.append("| " + " | ".join(list(labels) + ["not measured yet", "-", "-", ", ".join(PAPER[row])]
                                            + ["-"] * 3) + " |")
             continue
-        key = lab.latest_key(finals)                          # the latest checkpoint measured
-        finals = list(reversed(lab.find(finals, **key)))      # latest first
-        at = lambda cfg, temperature=1.0: next((r for r in finals if (r["cfg"], r.get("temperature", 1.0))
-                                                 == (cfg, temperature)), None)
-        plain, guided = at(1.0), at(best_cfg(args, records, row, **key))
-        joint = best_setting(args, records, row, **key)
-        tuned = joint and at(*joint)
-        edge = guided is not None and guided["cfg"] in (min(args.cfg_grid), max(args.cfg_grid))
-        r = finals[0]
-        cells = list(labels) + [
-            lab.fmt(plain and plain["fid"]),
-            "-" if guided is None else f"{guided['fid']:.2f} ({guided['cfg']:g}{', edge of grid' if edge else ''})",
-            "-" if tuned is None else f"{tuned['fid']:.2f} ({tuned['cfg']:g}, {tuned.get('temperature', 1.0):g})",
+        res = lab.row_results(args, records, row)
+        plain, guided, r = res["plain"], res["guided"], res["latest"]
+        cells = list(labels) + lab.fid_cells(res) + [
             ", ".join(PAPER[row]),
             f"{lab.fmt(plain and plain['s_per_image'], 3)}, {lab.fmt(guided and guided['s_per_image'], 3)}",
             f"{r['params'] / 1e6:.2f}M ({r['head_params'] / 1e6:.2f}M)",
@@ -433,7 +354,7 @@ def main(argv=None, inception=None):
         write_table(args)
         print(open(args.table).read())
         return
-    ev = lab.Evaluator(args, inception)
+    ev = lab.Evaluator(args, inception, measures=not args.train_only)
     runs = list(dict.fromkeys(ROWS[r][0] for r in args.rows if r in ROWS))
     if any(RUNS[r][2] == "ce" for r in runs):
         vq_tokenizer(args, ev.train_set)            # before any CE run, so that they all read this file

@@ -44,6 +44,7 @@ import recipe  # noqa: E402
 import scarce  # noqa: E402
 import speed  # noqa: E402
 import table1  # noqa: E402
+import table2  # noqa: E402
 import tokenizer as T  # noqa: E402
 import train  # noqa: E402
 from diffloss import DiffLoss  # noqa: E402
@@ -235,10 +236,10 @@ def test_table1_joint_choice():
     rec = lambda c, t: dict(row="r", kind="sweep", n=args.num_sweep, cfg=float(c), fid=fid[c, t], **lab.setting(args),
                             **({} if t == 1.0 else {"temperature": t}))
     records = [rec(*p) for p in fid]
-    assert table1.best_cfg(args, records, "r") == 3.0
-    assert table1.best_setting(args, records, "r") == (2.0, 0.8)             # a neighbour of 3, not 3 itself
-    assert table1.best_setting(args, [r for r in records if r.get("temperature") != 0.8 or r["cfg"] != 4], "r") is None
-    assert table1.best_setting(table1.get_args(["--cfg_grid", "1.5,2,3,4", "--temperature_grid", ""]), records, "r") is None
+    assert lab.best_cfg(args, records, "r") == 3.0
+    assert lab.best_setting(args, records, "r") == (2.0, 0.8)             # a neighbour of 3, not 3 itself
+    assert lab.best_setting(args, [r for r in records if r.get("temperature") != 0.8 or r["cfg"] != 4], "r") is None
+    assert lab.best_setting(table1.get_args(["--cfg_grid", "1.5,2,3,4", "--temperature_grid", ""]), records, "r") is None
 
 
 def test_table1_report_keeps_trainings_apart(tmp_path):
@@ -323,7 +324,7 @@ def test_ablations_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_in, feat
     table1.main(["--rows", "mar16_diffusion,tokens", "--out", str(t1_out), "--table", str(tmp_path / "t1.md")]
                 + t1_flags + shared, inception=features)
     t1_records = lab.read_records(str(t1_out))
-    w = table1.best_cfg(table1.get_args(t1_flags), t1_records, "mar16_diffusion")
+    w = lab.best_cfg(table1.get_args(t1_flags), t1_records, "mar16_diffusion")
     assert w in (2.0, 3.0)
 
     seen, real = [], lab.generate                 # what the sampler receives
@@ -754,6 +755,39 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
 
 
 # ==============================================================================================
+# Table 2: tokenizers trained here (experiments/table2.py)
+
+def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
+    """experiments/table2.py on the 100-image stand-in: the KL candidate and its VQ twin trained 2 steps,
+    their quality measured beside pixel and k-means tokens, the KL one chosen (the only candidate), MAR with
+    cross-entropy on the twin's codes trained on them and measured with Table 1's protocol; the figure; a
+    second call finds everything done."""
+    out, md = tmp_path / "t2.jsonl", tmp_path / "t2.md"
+    t1 = ["--data_path", str(fashion_stand_in), "--num_fid", "4", "--num_sweep", "4", "--cfg_grid", "2",
+          "--temperature_grid", "", "--batch", "4", "--num_sampling_steps", "2", "--vq", "8", "--max_steps", "2",
+          "--inception", str(tmp_path / "none.pth"), "--precision", "fp32"]
+    argv = ["--runs_dir", str(tmp_path / "runs"), "--out", str(out), "--table", str(md), "--table1",
+            str(tmp_path / "t1.jsonl"), "--docs", str(tmp_path), "--tokenizers", "kl_f4,vq_f4", "--rows",
+            "mar16_ce_vq", "--num_rfid", "4", "--table1_args", shlex.join(t1)]
+    with pytest.raises(ValueError, match="VQ rows need the VQ twins"):
+        table2.get_args([a if a != "kl_f4,vq_f4" else "kl_f4" for a in argv])
+    table2.main(argv, inception=features)
+    records = lab.read_records(str(out))
+    tokens = {r["tokenizer"]: r for r in records if r["kind"] == "tokens"}
+    assert set(tokens) == {"kl_f4", "vq_f4", "pixel", "vq8"} and tokens["pixel"]["rfid"] == 0.0
+    assert tokens["kl_f4"]["train_steps"] == 2 and tokens["kl_f4"]["scale"] > 0 and tokens["kl_f4"]["mse"] > 0
+    rows = [r for r in records if r.get("row") == "mar16_ce_vq"]
+    assert sorted((r["kind"], r["cfg"]) for r in rows) == [("final", 1.0), ("final", 2.0), ("sweep", 2.0)]
+    assert {r["tokenizer"] for r in rows} == {"vq_f4"}
+    ckpt = T.torch_load(str(tmp_path / "runs" / "t2_mar16_ce_vq_vq_f4_fp32" / "checkpoint-last.pth"))
+    assert (ckpt["tokenizer"]["kind"], ckpt["tokenizer"]["discrete"], ckpt["config"]["seq_len"]) == ("vqae", True, 49)
+    assert ckpt["args"]["mask_ratio_law"] == "uniform" and ckpt["args"]["dropout"] == 0       # the recipe
+    assert (tmp_path / "table2.png").exists() and "| MAR (recipe) | VQ, codes (vq_f4) | CrossEnt |" in md.read_text()
+    table2.main(argv, inception=features)
+    assert len(lab.read_records(str(out))) == len(records)
+
+
+# ==============================================================================================
 # Does MAR overtake AR when data is scarce? (experiments/scarce.py)
 
 def test_scarce_subsets_are_balanced_nested_seeded_and_apart_from_validation():
@@ -829,6 +863,9 @@ def test_scarce_end_to_end_tiny(tmp_path, fashion_stand_in, features):
             "--mar_steps", "2"]
     with pytest.raises(ValueError, match="--sizes must be in 1..90"):
         scarce.main([a if a != "20" else "95" for a in argv])
+    with pytest.raises(FileNotFoundError, match="--inception .*no_such_file.pth' not found"):
+        scarce.main(argv)                                 # before any training starts
+    assert not runs.exists()
     scarce.main(argv, inception=features)
     records = lab.read_records(str(out))
     bpd = [r for r in records if r["kind"] == "bpd"]
