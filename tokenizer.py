@@ -12,7 +12,7 @@ MAR (paper Sec. 3-5) models a sequence of continuous tokens; the model only ever
     weights, for small images) share one duck-typed interface: `.seq_len`, `.token_dim`, `.token_bound`,
     `.encode(images in [-1, 1]) -> (B, seq, token_dim)`, `.decode(tokens) -> images in [-1, 1]`,
     `.config()` -> plain dict, rebuilt by `build_tokenizer(cfg, vae_path)`.
-  * Training a tokenizer on one's own images (train.py --model kl_f4 | kl_f2 | vq_f4, `AUTOENCODERS`):
+  * Training a tokenizer on one's own images (train.py --model kl_f4 | kl_f2 | vq_f4 | vq_f2, `AUTOENCODERS`):
     `AutoencoderKL.forward` is LDM's loss without its perceptual and adversarial terms (L1 + 1e-6 KL),
     `AutoencoderVQ` its twin with a `VectorQuantizer` bottleneck (codes for cross-entropy, the continuous
     z before quantisation for the Diffusion Loss: `VQAETokenizer`), and `latent_scale` measures the
@@ -449,13 +449,13 @@ VAE_CONFIGS = {
 # Autoencoders to train on one's own small images (train.py --model NAME; 28x28 to 64x64): LDM's
 # architecture, narrower and shallower. kl_f4: stride 4, 16 channels (28x28 -> 7x7 x 16: Table 1's 49
 # tokens of 16 with patch 1); kl_f2: stride 2, 4 channels (14x14 x 4: the same token shape with patch 2);
-# vq_f4: kl_f4's twin with 1024 codes.
+# vq_f4 / vq_f2: their twins with 1024 codes.
 AUTOENCODERS = {
     "kl_f4": (AutoencoderKL, dict(embed_dim=16, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=())),
     "kl_f2": (AutoencoderKL, dict(embed_dim=4, ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_levels=())),
-    "vq_f4": (AutoencoderVQ, dict(embed_dim=16, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(),
-                                  num_codes=1024)),
 }
+AUTOENCODERS.update({"vq" + name[2:]: (AutoencoderVQ, dict(cfg, num_codes=1024))
+                     for name, (_, cfg) in AUTOENCODERS.items()})
 
 
 def build_autoencoder(name, **overrides):

@@ -387,7 +387,7 @@ def build_parser():
     a = p.add_argument
     a("--model", default="mar_tiny", choices=list(mar.MODELS) + list(tk.AUTOENCODERS),
       help="size from mar.MODELS, or an autoencoder to train as a tokenizer (tokenizer.AUTOENCODERS: kl_f4, "
-           "kl_f2, vq_f4)")
+           "kl_f2, vq_f4, vq_f2)")
     a("--data", default="builtin", choices=DATA_SOURCES,
       help="builtin: shapes drawn by code; folder: root/<class>/<images>; latents: a tokenizer.cache_latents "
            "directory; array: .npz/.npy of uint8 images; fashion_mnist: its idx files")
