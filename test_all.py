@@ -1,5 +1,5 @@
 """
-The tests of the core files: `python -m pytest` at the repository root (CPU; a few minutes on 2 cores).
+The tests of the core files: `python -m pytest -n 2` at the repository root (CPU; a few minutes on 2 cores).
 That command also runs experiments/test_experiments.py, the tests of the experiment and benchmark
 scripts (pytest.ini names both files); `python -m pytest test_all.py` runs this file alone.
 

@@ -16,7 +16,7 @@ RUNS_DIR/t2_* (the tokenizers' and the rows' runs).
 
 Protocol (every choice):
   * Tokenizers (TOKENIZERS): each autoencoder trained by train.py on the 60,000 training images for
-    --tokenizer_epochs (batch 64, lr 1e-3 constant after 0.2 epochs of warmup, AdamW, EMA, seed 0, no
+    --tokenizer_epochs (--tokenizer_batch 64, lr 1e-3 constant after 0.2 epochs of warmup, AdamW, EMA, seed 0, no
     flips), L1 + 1e-6 KL (kl_*) or L1 + codebook + 0.25 commitment with 1,024 codes (vq_*), no perceptual
     or adversarial term. kl_f4: 28x28 -> 7x7 x 16 (patch 1); kl_f2: 14x14 x 4 (patch 2); both give Table
     1's 49 tokens of 16. The latent scale is the one train.py measures at the end (1 / std).
@@ -73,8 +73,8 @@ def tokenizer_dir(args, name):
 
 def tokenizer_spec(args, name):
     """lab.ensure_trained's (run directory, train.py arguments) of an autoencoder."""
-    argv = ["--model", name, "--data", "fashion_mnist", "--no-hflip", "--batch_size", "64", "--epochs",
-            str(args.tokenizer_epochs), "--warmup_epochs", "0.2", "--blr", "4e-3", "--seed", "0",
+    argv = ["--model", name, "--data", "fashion_mnist", "--no-hflip", "--batch_size", str(args.tokenizer_batch),
+            "--epochs", str(args.tokenizer_epochs), "--warmup_epochs", "0.2", "--blr", "4e-3", "--seed", "0",
             "--precision", args.precision, "--sample_every", "0"]
     argv += ["--data_path", args.data_path] if args.data_path else []
     return tokenizer_dir(args, name), argv + (["--max_steps", str(args.max_steps)] if args.max_steps else [])
@@ -215,6 +215,7 @@ def get_args(argv=None):
     a("--tokenizers", default=",".join(TOKENIZERS), help=f"candidates, from: {', '.join(TOKENIZERS)}")
     a("--tokenizers_only", action="store_true", help="only train and measure the tokenizers")
     a("--tokenizer_epochs", type=float, default=2, help="the autoencoders' training length")
+    a("--tokenizer_batch", type=int, default=64, help="the autoencoders' batch (and lr = 4e-3 * batch / 256)")
     a("--num_rfid", type=int, default=10_000, help="test reconstructions per rFID")
     a("--runs_dir", default="runs", help="table1.py's runs and cache (the t2_* runs are added there)")
     a("--out", default=os.path.join(ROOT, "experiments", "table2.jsonl"), help="results, one JSON per line")

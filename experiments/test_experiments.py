@@ -768,7 +768,7 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
           "--inception", str(tmp_path / "none.pth"), "--precision", "fp32"]
     argv = ["--runs_dir", str(tmp_path / "runs"), "--out", str(out), "--table", str(md), "--table1",
             str(tmp_path / "t1.jsonl"), "--docs", str(tmp_path), "--tokenizers", "kl_f4,vq_f4", "--rows",
-            "mar16_ce_vq", "--num_rfid", "4", "--table1_args", shlex.join(t1)]
+            "mar16_ce_vq", "--num_rfid", "4", "--tokenizer_batch", "8", "--table1_args", shlex.join(t1)]
     with pytest.raises(ValueError, match="VQ rows need the VQ twins"):
         table2.get_args([a if a != "kl_f4,vq_f4" else "kl_f4" for a in argv])
     table2.main(argv, inception=features)
