@@ -13,6 +13,7 @@ import argparse
 import gzip
 import inspect
 import io
+import json
 import math
 import os
 import signal
@@ -1067,6 +1068,62 @@ def test_autoencoder_training_reduces_the_loss():
             opt.step()
             losses.append(loss.item())
         assert losses[-1] < 0.7 * losses[0], (name, losses[0], losses[-1])
+
+
+def test_adversarial_term_hinge_loss_adaptive_weight_and_patch_discriminator():
+    # hinge: 0.5 (mean relu(1 - real) + mean relu(1 + fake)) on hand-picked logits
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
+    assert torch.isclose(T.hinge_d_loss(real, fake), torch.tensor(0.5 * ((0 + 0.5 + 2) / 3 + (0 + 1 + 2) / 3)))
+    # adaptive weight at W for rec = sum((W x)^2) (gradient 2 (W x) x^T) and g = 3 sum(W) (gradient 3)
+    torch.manual_seed(0)
+    w, x = torch.randn(3, 4, requires_grad=True), torch.randn(4)
+    rec, g = ((w @ x) ** 2).sum(), 3.0 * w.sum()
+    want = (2 * (w @ x).detach()[:, None] * x[None, :]).norm() / (torch.full((3, 4), 3.0).norm() + 1e-4)
+    got = T.adaptive_weight(rec, g, w)
+    assert torch.isclose(got, want) and not got.requires_grad
+    assert T.adaptive_weight(1e6 * rec, 0.0 * w.sum(), w) == 1e4                   # clamped
+    # the PatchGAN: one logit per patch (28x28 -> 5x5), and no coupling between the images of a batch
+    d = T.PatchDiscriminator(1)
+    a, b = torch.rand(2, 1, 28, 28), torch.rand(3, 1, 28, 28)
+    both = d(torch.cat([a, b]))
+    assert both.shape == (5, 1, 5, 5) and torch.allclose(both, torch.cat([d(a), d(b)]), atol=1e-5)
+    assert [d.patches(n) for n in (28, 16, 12, 11)] == [5, 2, 1, 0]
+    for n in (16, 12):
+        assert d(torch.rand(1, 1, n, n)).shape[-1] == d.patches(n)
+
+
+def test_autoencoder_loss_with_an_adversary():
+    """Off: the loss is the one without it and nothing is kept. On: it adds disc_weight * adaptive weight *
+    -mean D(reconstruction) of the same posterior draw; the generator's backward leaves D's weights alone;
+    the discriminator's own steps on (real, reconstruction) lower its hinge loss."""
+    torch.manual_seed(0)
+    vae, cpu = T.build_autoencoder("kl_f4", ch=32, in_channels=1), torch.device("cpu")
+    adv = train.Adversary(1, 16, 0.5, cpu, 1)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    base = vae(x)
+    torch.manual_seed(1)
+    assert torch.equal(vae(x, adversary=adv), base) and not adv.pairs
+    adv.on = True
+    torch.manual_seed(1)
+    loss = vae(x, adversary=adv)
+    torch.manual_seed(1)
+    rec = vae.decode(vae.encode(x).sample())
+    g = -adv.disc(rec).mean()
+    lam = T.adaptive_weight((rec - x).abs().mean(), g, vae.decoder.conv_out.weight)
+    assert torch.allclose(loss - base, 0.5 * lam * g, atol=1e-6) and lam > 0
+    loss.backward()
+    assert all(p.grad is None for p in adv.disc.parameters())
+    assert len(adv.pairs) == 1 and torch.equal(adv.pairs[0][0], x) and not adv.pairs[0][1].requires_grad
+    fake = adv.pairs[0][1]
+    d_loss = lambda: T.hinge_d_loss(*adv.disc(torch.cat([x, fake])).chunk(2)).item()
+    first = d_loss()
+    for _ in range(10):
+        adv.pairs = [(x, fake)]
+        adv.step(1e-3, cpu, "fp32")
+    assert d_loss() < first and not adv.pairs
+    stats = adv.log_stats()
+    assert 0 < stats["disc_loss"] and adv.log_stats() == {}                      # the mean since the last log
 
 
 # ---------------------------------------------------------------- tokens
@@ -2227,13 +2284,35 @@ def test_train_a_tokenizer_then_mar_on_its_latents(tmp_path):
 
     with pytest.raises(ValueError, match="trains an autoencoder: drop --head"):
         train.get_args(["--model", "kl_f4", "--head", "l2"])
-    with pytest.raises(ValueError, match="--kl_weight is for the kl_"):
-        train.get_args(["--kl_weight", "1e-3"])
+    with pytest.raises(ValueError, match="--kl_weight, --disc_weight and --disc_start are for the autoencoders"):
+        train.get_args(["--disc_weight", "0.5"])
+    with pytest.raises(ValueError, match="must be finite numbers >= 0"):
+        train.get_args(["--model", "kl_f4", "--disc_start", "-1"])
     with pytest.raises(ValueError, match="needs discrete tokens"):
         train.main(mar_flags + ["--vae", str(kl / "checkpoint-last.pth"), "--head", "ce", "--output_dir",
                                 str(tmp_path / "bad")])
     with pytest.raises(ValueError, match="multiple of it"):
         train.main(ae + ["--model", "kl_f4", "--image_size", "10", "--output_dir", str(tmp_path / "bad2")])
+
+
+def test_autoencoder_with_the_adversarial_term_trains_from_its_start_and_resumes_exactly(tmp_path):
+    """--disc_weight: no discriminator loss before --disc_start (here: step 1), one after; the checkpoint
+    holds the discriminator and its optimizer, so 2 steps + a resumed 1 give the 3 steps' weights exactly."""
+    ae = ["--data", "builtin", "--image_size", "16", "--batch_size", "8", "--epochs", "1", "--log_every", "1",
+          "--sample_every", "0", "--precision", "fp32", "--model", "kl_f4", "--disc_weight", "0.5",
+          "--disc_start", "0.0008"]                                       # 1,250 steps an epoch: step 1
+    with pytest.raises(ValueError, match="too small for the PatchGAN"):
+        train.main([a if a != "16" else "8" for a in ae] + ["--output_dir", str(tmp_path / "small")])
+    train.main(ae + ["--max_steps", "3", "--output_dir", str(tmp_path / "a")])
+    rows = [json.loads(line) for line in train.metric_rows(tmp_path / "a" / "metrics.jsonl")]
+    assert "disc_loss" not in rows[0] and all(r["disc_loss"] > 0 for r in rows[1:])
+    train.main(ae + ["--max_steps", "2", "--output_dir", str(tmp_path / "b")])
+    train.main(ae + ["--max_steps", "3", "--output_dir", str(tmp_path / "b"), "--resume",
+                     str(tmp_path / "b" / "checkpoint-last.pth")])
+    a, b = (T.torch_load(str(tmp_path / d / "checkpoint-last.pth")) for d in ("a", "b"))
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert all(torch.equal(a["adversary"]["disc"][k], b["adversary"]["disc"][k]) for k in a["adversary"]["disc"])
 
 
 # -- precision: bf16 autocast (train.py / sample.py --precision) --------------------------------

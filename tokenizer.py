@@ -13,7 +13,8 @@ MAR (paper Sec. 3-5) models a sequence of continuous tokens; the model only ever
     `.encode(images in [-1, 1]) -> (B, seq, token_dim)`, `.decode(tokens) -> images in [-1, 1]`,
     `.config()` -> plain dict, rebuilt by `build_tokenizer(cfg, vae_path)`.
   * Training a tokenizer on one's own images (train.py --model kl_f4 | kl_f2 | vq_f4 | vq_f2, `AUTOENCODERS`):
-    `AutoencoderKL.forward` is LDM's loss without its perceptual and adversarial terms (L1 + 1e-6 KL),
+    `AutoencoderKL.forward` is LDM's loss without its perceptual term (L1 + 1e-6 KL; with train.py
+    --disc_weight, its adversarial term: `PatchDiscriminator`, `hinge_d_loss`, `adaptive_weight`),
     `AutoencoderVQ` its twin with a `VectorQuantizer` bottleneck (codes for cross-entropy, the continuous
     z before quantisation for the Diffusion Loss: `VQAETokenizer`), and `latent_scale` measures the
     1 / std that KL-16's 0.2325 is for ImageNet, stored in the checkpoint that `load_vae` reads.
@@ -336,15 +337,24 @@ class AutoencoderKL(nn.Module):
         """images -> their reconstructions through the posterior's mean, in [-1, 1]."""
         return self.decode(self.encode(images).mode()).clamp(-1.0, 1.0)
 
-    def forward(self, images, labels=None):
-        """The training loss of LDM's autoencoder without its perceptual and adversarial terms: L1
-        reconstruction of a posterior sample + kl_weight * KL(posterior || N(0, I)). LDM sums both over
-        the pixels / latent elements; here both are divided by the number of pixels (the same objective
-        up to the learning rate's scale), so kl_weight is LDM's. labels: unused (train.py's interface)."""
+    def forward(self, images, labels=None, adversary=None):
+        """The training loss of LDM's autoencoder without its perceptual term: L1 reconstruction of a
+        posterior sample + kl_weight * KL(posterior || N(0, I)) (+ the adversarial term with an adversary).
+        LDM sums both over the pixels / latent elements; here both are divided by the number of pixels
+        (the same objective up to the learning rate's scale), so kl_weight is LDM's. labels: unused
+        (train.py's interface)."""
         posterior = self.encode(images)
         rec = self.decode(posterior.sample()).float()
         kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).float().sum()
-        return (rec - images).abs().mean() + self.kl_weight * kl / images.numel()
+        l1 = (rec - images).abs().mean()
+        return l1 + self.kl_weight * kl / images.numel() + self.adversarial(l1, images, rec, adversary)
+
+    def adversarial(self, rec_loss, images, rec, adversary):
+        """LDM's adversarial term, when train.py passes an adversary (--disc_weight > 0; train.Adversary):
+        0 before it starts; it sees the real images and their reconstructions for its own step."""
+        if adversary is None:
+            return 0.0
+        return adversary.generator_term(rec_loss, images, rec, self.decoder.conv_out.weight)
 
 
 class VectorQuantizer(nn.Module):
@@ -404,7 +414,7 @@ class VectorQuantizer(nn.Module):
 
 class AutoencoderVQ(AutoencoderKL):
     """The KL autoencoder's twin with a vector-quantised bottleneck (LDM's VQModel without its perceptual
-    and adversarial terms): the same encoder and decoder; the encoder's output goes through quant_conv to
+    term): the same encoder and decoder; the encoder's output goes through quant_conv to
     z (embed_dim channels), which is snapped to the nearest of `num_codes` codes before the decoder. It
     tokenizes an image in two ways, as the paper's Table 2 does with VQ-16: the discrete codes (for
     cross-entropy) and the continuous z before quantisation (for the Diffusion Loss)."""
@@ -428,15 +438,67 @@ class AutoencoderVQ(AutoencoderKL):
         """images -> their reconstructions through the codes, in [-1, 1]."""
         return self.decode(self.quantize(self.encode(images))[0]).clamp(-1.0, 1.0)
 
-    def forward(self, images, labels=None):
-        """L1 reconstruction through the quantised bottleneck + the codebook and commitment terms."""
+    def forward(self, images, labels=None, adversary=None):
+        """L1 reconstruction through the quantised bottleneck + the codebook and commitment terms (+ the
+        adversarial term with an adversary)."""
         zq, vq_loss, _ = self.quantize(self.encode(images))
-        return (self.decode(zq).float() - images).abs().mean() + vq_loss
+        rec = self.decode(zq).float()
+        l1 = (rec - images).abs().mean()
+        return l1 + vq_loss + self.adversarial(l1, images, rec, adversary)
 
     def log_stats(self):
         """What train.py logs beside the loss: the codebook's use since the last log."""
         used, perplexity = self.quantize.usage()
         return dict(codes_used=round(used, 4), code_perplexity=round(perplexity, 1))
+
+
+class PatchDiscriminator(nn.Module):
+    """The adversary of LDM's autoencoder loss: pix2pix's PatchGAN (Isola et al. 2017; taming-transformers'
+    NLayerDiscriminator): 4x4 convolutions, n_layers of stride 2 then one of stride 1, LeakyReLU(0.2), a
+    logit per overlapping patch (28x28 images: 5x5 logits, each seeing 22x22 pixels). GroupNorm where
+    taming has BatchNorm: a real and a fake batch can then share one forward pass with the same result as
+    two, and DDP ranks share no batch statistics."""
+
+    def __init__(self, in_channels=3, ch=64, n_layers=2):
+        super().__init__()
+        layers, width = [nn.Conv2d(in_channels, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
+        for i in range(1, n_layers + 1):
+            out = ch * min(2 ** i, 8)
+            layers += [nn.Conv2d(width, out, 4, 2 if i < n_layers else 1, 1, bias=False), group_norm(out),
+                       nn.LeakyReLU(0.2)]
+            width = out
+        self.net = nn.Sequential(*layers, nn.Conv2d(width, 1, 4, 1, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)            # taming's weights_init
+        self.config = dict(in_channels=in_channels, ch=ch, n_layers=n_layers)
+
+    def forward(self, images):
+        """images (B, C, H, W) in [-1, 1] -> logits (B, 1, h, w), one per patch: > 0 reads "real"."""
+        return self.net(images)
+
+    def patches(self, size):
+        """h = w of the logits for images of side `size`; 0 if they are too small (here: below 12)."""
+        for m in self.net:
+            if isinstance(m, nn.Conv2d):
+                if size + 2 * m.padding[0] < m.kernel_size[0]:
+                    return 0
+                size = (size + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1
+        return size
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    """The discriminator's hinge loss (taming's, LDM's default): real logits pushed above 1, fake below -1."""
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+def adaptive_weight(rec_loss, g_loss, last_layer, max_weight=1e4):
+    """VQGAN's balance (Esser et al. 2021, eq. 7; LDM keeps it): ||grad of rec_loss|| / (||grad of g_loss||
+    + 1e-4) at the decoder's last weights, clamped to [0, 1e4], no gradient through it, so the adversarial
+    gradient reaching the decoder starts at the scale of the reconstruction's."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
 VAE_CONFIGS = {

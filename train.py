@@ -33,6 +33,7 @@ Run:
   # a tokenizer for your own small images (LDM's autoencoder, tokenizer.AUTOENCODERS), then MAR on its
   # latents (the latent scale is measured at the end of the first run and read from its checkpoint):
   python train.py --model kl_f4 --data folder --data_path my_images --image_size 32 --output_dir out/kl
+  #   (+ --disc_weight 0.5 --disc_start 1: LDM's adversarial term from epoch 1 on)
   python train.py --data folder --data_path my_images --image_size 32 --vae out/kl/checkpoint-last.pth
 
 Reproducibility. The global batch of step s is cut into world_size * accum_iter shards of batch_size
@@ -276,7 +277,7 @@ def update_ema(ema, model, decay, step):
 MUST_MATCH = ("model", "data", "image_size", "patch_size", "hflip", "seed", "batch_size", "shards", "blr",
               "lr_schedule", "warmup_epochs", "weight_decay", "grad_clip", "ema_decay", "head", "vq", "order",
               "diffloss_w", "mask_ratio_min", "mask_ratio_law", "pos_embed_init", "dropout", "encoder_depth",
-              "decoder_depth", "precision", "kl_weight")
+              "decoder_depth", "precision", "kl_weight", "disc_weight", "disc_start")
 
 
 def save_checkpoint(path, state):
@@ -402,6 +403,10 @@ def build_parser():
            "vq_* autoencoders: their codebook size (default 1024)")
     a("--kl_weight", type=float, default=None,
       help="kl_* autoencoders: weight of the KL term per pixel (default LDM's 1e-6)")
+    a("--disc_weight", type=float, default=0.0,
+      help="autoencoders: weight of LDM's adversarial term (a PatchGAN, hinge loss, adaptive weight; LDM: 0.5); "
+           "0 = none")
+    a("--disc_start", type=float, default=0.0, help="autoencoders: epoch at which the adversarial term starts")
     a("--codebook", default=None, help="--vq codebook file: loaded if it exists, else fitted (seeded by --seed) "
                                        "and written there (default: OUTPUT_DIR/codebook.pth)")
     a("--head", default="diffusion", choices=mar.HEADS,
@@ -518,8 +523,11 @@ def get_args(argv=None):
         if ignored:
             raise ValueError(f"--model {args.model} trains an autoencoder: drop {', '.join('--' + f for f in ignored)} "
                              "(MAR's flags; --vq is the vq_* codebook size, --kl_weight the kl_* KL weight)")
-    elif args.kl_weight is not None:
-        raise ValueError("--kl_weight is for the kl_* autoencoders (--model kl_f4 / kl_f2)")
+    elif args.kl_weight is not None or args.disc_weight or args.disc_start:
+        raise ValueError("--kl_weight, --disc_weight and --disc_start are for the autoencoders (--model kl_f4, vq_f4, ...)")
+    if not (0 <= args.disc_weight < math.inf and 0 <= args.disc_start < math.inf):
+        raise ValueError(f"--disc_weight and --disc_start must be finite numbers >= 0, got {args.disc_weight}, "
+                         f"{args.disc_start}")
     if args.kl_weight is not None and not 0 <= args.kl_weight < math.inf:
         raise ValueError(f"--kl_weight must be a finite number >= 0, got {args.kl_weight}")
     if args.vq is not None and (args.vq < 2 or args.vae is not None):   # (an autoencoder's codebook: K >= 2)
@@ -658,6 +666,67 @@ class StopOnSignal:
         return bool(flag.item())
 
 
+class Adversary:
+    """LDM's adversarial term while an autoencoder trains (--disc_weight > 0): a PatchGAN discriminator with
+    its own Adam (betas (0.5, 0.9), taming's; the autoencoder's learning rate) and the hinge loss. Once `on`
+    (from --disc_start), the autoencoder's loss gains disc_weight * adaptive_weight * -D(reconstruction)
+    (tokenizer.py's forward calls generator_term), and after each training step the discriminator takes one
+    step on the same real images and their (detached) reconstructions."""
+
+    def __init__(self, channels, image_size, weight, device, world):
+        self.disc = tk.PatchDiscriminator(channels).to(device)
+        if self.disc.patches(image_size) < 1:
+            raise ValueError(f"--disc_weight: images of {image_size}x{image_size} are too small for the PatchGAN "
+                             "discriminator (12x12 at least): drop --disc_weight or raise --image_size")
+        self.ddp = DDP(self.disc, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 \
+            else self.disc
+        self.opt = torch.optim.Adam(self.disc.parameters(), lr=0.0, betas=(0.5, 0.9))
+        self.weight, self.on, self.pairs = weight, False, []
+        self.loss_sum, self.losses = torch.zeros((), device=device), 0
+
+    def generator_term(self, rec_loss, images, rec, last_layer):
+        if not self.on:
+            return 0.0
+        self.pairs.append((images, rec.detach()))
+        self.disc.requires_grad_(False)                  # the gradient flows through D to the decoder only
+        g_loss = -self.disc(rec).float().mean()
+        self.disc.requires_grad_(True)
+        return self.weight * tk.adaptive_weight(rec_loss, g_loss, last_layer) * g_loss
+
+    def step(self, lr, device, precision):
+        """The discriminator's step on this training step's pairs (none while off)."""
+        pairs, self.pairs = self.pairs, []
+        if not pairs:
+            return
+        real, fake = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        with autocast(device, precision):
+            logits = self.ddp(torch.cat([real, fake.to(real.dtype)])).float()
+        loss = tk.hinge_d_loss(*logits.chunk(2))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.loss_sum += loss.detach()
+        self.losses += 1
+
+    def log_stats(self):
+        """The discriminator's mean loss (rank 0's) since the last log; 1.0 = chance (logits near 0)."""
+        if not self.losses:
+            return {}
+        stats = dict(disc_loss=round(self.loss_sum.item() / self.losses, 4))
+        self.loss_sum.zero_()
+        self.losses = 0
+        return stats
+
+    def state_dict(self):
+        return {"disc": self.disc.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        tk.load_state_dict_strict(self.disc, state["disc"], "discriminator (resume)")
+        self.opt.load_state_dict(state["optimizer"])
+
+
 def main(argv=None):
     """Train; -> the number of the signal that stopped the run early (its checkpoint saved), else None."""
     args = get_args(argv)
@@ -693,6 +762,36 @@ def main(argv=None):
     return stopped_by
 
 
+def build_model(args, tokenizer, num_classes):
+    """The model to train: an autoencoder (a tokenizer, reading pixels) or a MAR / AR model of the tokens."""
+    if args.model in tk.AUTOENCODERS:
+        model = tk.build_autoencoder(args.model, **model_kwargs(args, tokenizer))
+        if tokenizer.image_size % model.downsample_factor:
+            raise ValueError(f"--model {args.model} downsamples by {model.downsample_factor}: the images "
+                             f"({tokenizer.image_size}x{tokenizer.image_size}) must be a multiple of it (--image_size)")
+        return model
+    model = mar.build_model(args.model, num_classes=num_classes, **model_kwargs(args, tokenizer))
+    if args.head == "ce":                        # the head samples codes: it holds the tokenizer's codebook
+        model.diffloss.codebook.copy_(tokenizer.codebook)
+    return model
+
+
+@torch.no_grad()
+def preview(args, ema, tokenizer, dataset, step, device):
+    """OUTPUT_DIR/samples_STEP.png (8 per class, sample.py's defaults: no CFG, 64 steps at most), or an
+    autoencoder's reconstructions_STEP.png (rows of 8 images, each above its reconstruction)."""
+    if args.model in tk.AUTOENCODERS:
+        x = torch.stack([dataset[i][0] for i in range(min(32, len(dataset)))]).to(device)
+        rec = ema.reconstruct(x)
+        rows = [part for k in range(0, len(x), 8) for part in (x[k:k + 8], rec[k:k + 8])]
+        save_grid(to_uint8(torch.cat(rows)), os.path.join(args.output_dir, f"reconstructions_{step:07d}.png"), 8)
+    else:
+        labels = torch.tensor(grid_classes(dataset.num_classes), device=device).repeat_interleave(8)
+        g = torch.Generator(device).manual_seed(args.seed)
+        images = generate(ema, tokenizer, labels, g, precision=resolve_precision(SAMPLE_PRECISION, device.type))
+        save_grid(images, os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
+
+
 def train(args, rank, world, device):
     """One process's run: data, tokens, model (or the --resume one), then the steps; -> the signal that
     stopped it early (its checkpoint saved), else None."""
@@ -710,22 +809,18 @@ def train(args, rank, world, device):
 
     torch.manual_seed(args.seed)                                         # same initial weights on every rank
     autoencoder = args.model in tk.AUTOENCODERS                          # a tokenizer to train: it reads pixels
-    if autoencoder:
-        model = tk.build_autoencoder(args.model, **model_kwargs(args, tokenizer))
-        if tokenizer.image_size % model.downsample_factor:
-            raise ValueError(f"--model {args.model} downsamples by {model.downsample_factor}: the images "
-                             f"({tokenizer.image_size}x{tokenizer.image_size}) must be a multiple of it (--image_size)")
-    else:
-        model = mar.build_model(args.model, num_classes=dataset.num_classes, **model_kwargs(args, tokenizer))
-    if args.head == "ce":                        # the head samples codes: it holds the tokenizer's codebook
-        model.diffloss.codebook.copy_(tokenizer.codebook)
+    model = build_model(args, tokenizer, dataset.num_classes)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(mar.param_groups(model, args.weight_decay), lr=0.0, betas=(0.9, 0.95))
+    adversary = Adversary(tokenizer.channels, tokenizer.image_size, args.disc_weight, device, world) \
+        if args.disc_weight > 0 else None
     step = 0
     if ckpt is not None:
         tk.load_state_dict_strict(model, ckpt["model"], f"{args.model} (resume)")
         tk.load_state_dict_strict(ema, ckpt["model_ema"], f"{args.model} EMA (resume)")
         opt.load_state_dict(ckpt["optimizer"])
+        if adversary is not None:
+            adversary.load_state_dict(ckpt["adversary"])
         step = ckpt["step"]
     model.to(device)
     ema.to(device)
@@ -740,6 +835,7 @@ def train(args, rank, world, device):
     steps_per_epoch = len(dataset) / global_batch
     total_steps = max(1, round(args.epochs * steps_per_epoch))
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    disc_start = round(args.disc_start * steps_per_epoch)
     stop_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
     peak_lr = args.blr * global_batch / 256                               # the paper's linear scaling rule
     my_shards = list(range(rank * args.accum_iter, (rank + 1) * args.accum_iter))
@@ -768,21 +864,8 @@ def train(args, rank, world, device):
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "model_ema": ema.state_dict(), "config": {**model.config, "model": args.model},
                 "tokenizer": tokenizer.config(), "optimizer": opt.state_dict(), "step": step,
-                "epoch": int(step / steps_per_epoch), "args": run_args, **finished})
-
-    def preview():
-        if is_main and args.sample_every > 0 and autoencoder:    # rows of 8 images, each above its reconstruction
-            x = torch.stack([dataset[i][0] for i in range(min(32, len(dataset)))]).to(device)
-            with torch.no_grad():
-                rec = ema.reconstruct(x)
-            rows = [part for k in range(0, len(x), 8) for part in (x[k:k + 8], rec[k:k + 8])]
-            save_grid(to_uint8(torch.cat(rows)), os.path.join(args.output_dir, f"reconstructions_{step:07d}.png"), 8)
-        elif is_main and args.sample_every > 0:
-            labels = torch.tensor(grid_classes(dataset.num_classes), device=device).repeat_interleave(8)
-            g = torch.Generator(device).manual_seed(args.seed)
-            images = generate(ema, tokenizer, labels, g,           # sample.py's defaults: no CFG, 64 steps (<= seq)
-                              precision=resolve_precision(SAMPLE_PRECISION, device.type))
-            save_grid(images, os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
+                "epoch": int(step / steps_per_epoch), "args": run_args, **finished,
+                **({"adversary": adversary.state_dict()} if adversary else {})})
 
     def check_finite():
         bad = int(first_bad)                     # the same on every rank: gradients are all-reduced
@@ -800,6 +883,8 @@ def train(args, rank, world, device):
             for group in opt.param_groups:
                 group["lr"] = lr
             model.train()
+            if adversary is not None:
+                adversary.on = step >= disc_start
             for a in range(args.accum_iter):
                 x, labels = next(loader)
                 x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -809,7 +894,7 @@ def train(args, rank, world, device):
                         tokenizer.tokens_from_moments(x) if args.data == "latents" else tokenizer.encode(x)
                 sync = a == args.accum_iter - 1 or world == 1             # DDP all-reduces on the last one
                 with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, args.precision):
-                    loss = ddp(tokens, labels) / args.accum_iter
+                    loss = ddp(tokens, labels, **({"adversary": adversary} if adversary else {})) / args.accum_iter
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -819,6 +904,8 @@ def train(args, rank, world, device):
             first_bad = torch.where(torch.isfinite(grad_norm) | (first_bad >= 0), first_bad, step)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if adversary is not None:
+                adversary.step(lr, device, args.precision)
             update_ema(ema, model, args.ema_decay, step)
             step += 1
             window_steps += 1
@@ -846,6 +933,7 @@ def train(args, rank, world, device):
                            lr=lr, grad_norm=round(grad_norm.item(), 4), images_per_s=round(window_steps * global_batch / elapsed, 1),
                            elapsed_s=round(time.time() - t_start, 1))
                 stats = model.log_stats() if hasattr(model, "log_stats") else {}     # e.g. a codebook's use
+                stats.update(adversary.log_stats() if adversary else {})
                 row.update(stats)
                 print0(f"step {step}/{stop_step} | epoch {row['epoch']:.2f} | loss {row['loss']:.4f} | lr {lr:.2e} | "
                        f"{row['images_per_s']:.0f} img/s | ETA {duration(eta)}"
@@ -857,8 +945,8 @@ def train(args, rank, world, device):
                 window_start, window_steps = time.time(), 0
             if step % args.ckpt_every == 0 or step == stop_step or stopping:
                 checkpoint()
-            if args.sample_every > 0 and (step % args.sample_every == 0 or step == stop_step):
-                preview()
+            if is_main and args.sample_every > 0 and (step % args.sample_every == 0 or step == stop_step):
+                preview(args, ema, tokenizer, dataset, step, device)
             if stopping:
                 print0(f"stopped by signal at step {step}; continue with --resume {ckpt_path}")
                 break
