@@ -18,8 +18,9 @@ Protocol (every choice):
   * Tokenizers (TOKENIZERS): each autoencoder trained by train.py on the 60,000 training images for
     --tokenizer_epochs (--tokenizer_batch 64, lr 1e-3 constant after 0.2 epochs of warmup, AdamW, EMA, seed 0, no
     flips), L1 + 1e-6 KL (kl_*) or L1 + codebook + 0.25 commitment with 1,024 codes (vq_*), no perceptual
-    or adversarial term. kl_f4: 28x28 -> 7x7 x 16 (patch 1); kl_f2: 14x14 x 4 (patch 2); both give Table
-    1's 49 tokens of 16. The latent scale is the one train.py measures at the end (1 / std).
+    term; the *_gan candidates add LDM's adversarial term from the second epoch (--disc_weight 0.5
+    --disc_start 1). kl_f4: 28x28 -> 7x7 x 16 (patch 1); kl_f2: 14x14 x 4 (patch 2); both give Table 1's
+    49 tokens of 16. The latent scale is the one train.py measures at the end (1 / std).
   * Tokenizer quality: MSE ([-1, 1]) and PSNR ([0, 1]) of the reconstructions of the 10,000 test images
     (KL through the posterior mean, VQ through its codes) and their rFID against the test set's statistics
     (--num_rfid of them, class-balanced). Pixel tokens are exact (rFID 0); Table 1's k-means VQ-1024 is
@@ -47,7 +48,11 @@ import table1  # noqa: E402
 import tokenizer as tk  # noqa: E402
 from sample import save_grid, to_uint8  # noqa: E402
 
-TOKENIZERS = {"kl_f4": 1, "kl_f2": 2, "vq_f4": 1, "vq_f2": 2}   # autoencoder -> patch size (49 tokens of 16)
+# candidate -> (train.py --model, patch size giving 49 tokens of 16, train.py flags); "_gan": with LDM's
+# adversarial term from the second epoch on (its weight 0.5, LDM's kl-f8 setting)
+GAN = ("--disc_weight", "0.5", "--disc_start", "1")
+TOKENIZERS = {"kl_f4": ("kl_f4", 1, ()), "kl_f2": ("kl_f2", 2, ()), "kl_f4_gan": ("kl_f4", 1, GAN),
+              "vq_f4": ("vq_f4", 1, ()), "vq_f2": ("vq_f2", 2, ()), "vq_f4_gan": ("vq_f4", 1, GAN)}
 RECIPE = table1.RUNS["mar_diffusion_recipe"][3]                 # the small-data recipe's train.py flags
 # id -> (model, order, head, tokens ("kl": the chosen KL, "vq": its twin), num_iter, labels, paper's Table 2
 # FID w/o, w/ CFG (ImageNet 256, MAR-L: KL-16 and VQ-16; "-": not in the paper))
@@ -73,9 +78,10 @@ def tokenizer_dir(args, name):
 
 def tokenizer_spec(args, name):
     """lab.ensure_trained's (run directory, train.py arguments) of an autoencoder."""
-    argv = ["--model", name, "--data", "fashion_mnist", "--no-hflip", "--batch_size", str(args.tokenizer_batch),
+    model, _, flags = TOKENIZERS[name]
+    argv = ["--model", model, "--data", "fashion_mnist", "--no-hflip", "--batch_size", str(args.tokenizer_batch),
             "--epochs", str(args.tokenizer_epochs), "--warmup_epochs", "0.2", "--blr", "4e-3", "--seed", "0",
-            "--precision", args.precision, "--sample_every", "0"]
+            "--precision", args.precision, "--sample_every", "0", *flags]
     argv += ["--data_path", args.data_path] if args.data_path else []
     return tokenizer_dir(args, name), argv + (["--max_steps", str(args.max_steps)] if args.max_steps else [])
 
@@ -139,7 +145,7 @@ def row_spec(args, row, kl, paths):
     """lab.ensure_trained's (run directory, train.py arguments) of a row."""
     model, order, head, _, _, _, _ = ROWS[row]
     name = tokens_of(row, kl)
-    patch = 1 if head == "ce" else TOKENIZERS[name]
+    patch = 1 if head == "ce" else TOKENIZERS[name][1]
     argv = table1.COMMON + ["--model", model] + (["--order", order] if order else []) + ["--head", head]
     argv += list(RECIPE) if model.startswith("mar_") else []
     argv += ["--vae", paths[name], "--patch_size", str(patch), "--precision", args.precision]
@@ -232,8 +238,9 @@ def get_args(argv=None):
     if bad:
         raise ValueError(f"unknown --rows / --tokenizers {bad}; rows: {', '.join(ROWS)}; tokenizers: "
                          f"{', '.join(TOKENIZERS)}")
-    if any(r.endswith("_vq") for r in args.rows) and not any(t.startswith("vq_") for t in args.tokenizers):
-        raise ValueError("the VQ rows need the VQ twins among --tokenizers")
+    twins = ["vq" + t[2:] for t in args.tokenizers if t.startswith("kl_")]
+    if any(r.endswith("_vq") for r in args.rows) and any(t not in args.tokenizers for t in twins):
+        raise ValueError(f"the VQ rows need the VQ twins among --tokenizers: add {', '.join(twins)}")
     # Table 1's protocol (its settings, defaults and --table1_args), with this table's files
     t1 = table1.get_args(shlex.split(args.table1_args) + ["--runs_dir", args.runs_dir])
     for k, v in vars(t1).items():

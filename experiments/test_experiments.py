@@ -771,6 +771,9 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
             "mar16_ce_vq", "--num_rfid", "4", "--tokenizer_batch", "8", "--table1_args", shlex.join(t1)]
     with pytest.raises(ValueError, match="VQ rows need the VQ twins"):
         table2.get_args([a if a != "kl_f4,vq_f4" else "kl_f4" for a in argv])
+    run, gan = table2.tokenizer_spec(table2.get_args(argv), "kl_f4_gan")                 # a candidate's flags
+    assert run.endswith("t2_kl_f4_gan_fp32") and " ".join(gan).count("--model kl_f4 ") == 1 and \
+        "--disc_weight 0.5 --disc_start 1" in " ".join(gan)
     table2.main(argv, inception=features)
     records = lab.read_records(str(out))
     tokens = {r["tokenizer"]: r for r in records if r["kind"] == "tokens"}
