@@ -1328,6 +1328,8 @@ def test_cache_latents_and_cached_reads(tmp_path):
     ds = T.ImageFolder(root, 32)
     vae = tiny_vae()
     assert T.cache_latents(ds, vae, cache, batch_size=4) == 6  # 4 + a partial batch of 2
+    with pytest.raises(ValueError, match="a VQ one"):             # no posterior to cache
+        T.cache_latents(ds, T.build_autoencoder("vq_f4", ch=32, num_codes=8), str(tmp_path / "vq"))
     moments = np.load(os.path.join(cache, "moments.npy"), mmap_mode="r")
     labels = np.load(os.path.join(cache, "labels.npy"))
     assert moments.shape == (6, 2, 8, 16, 16) and moments.dtype == np.float32
@@ -2279,6 +2281,10 @@ def test_train_a_tokenizer_then_mar_on_its_latents(tmp_path):
         train.main(mar_flags + ["--vae", str(vq / "checkpoint-last.pth"), "--head", head, "--output_dir", str(out)])
         tok = T.torch_load(str(out / "checkpoint-last.pth"))["tokenizer"]
         assert (tok["kind"], tok["discrete"]) == ("vqae", kind)
+    T.cache_latents(torch.utils.data.Subset(data, range(8)), vae, str(tmp_path / "cache"))   # the KL one's
+    with pytest.raises(ValueError, match="holds a KL autoencoder's posteriors; --vae .* is a VQ one"):
+        train.main(["--data", "latents", "--data_path", str(tmp_path / "cache"), "--vae", str(vq / "checkpoint-last.pth"),
+                    "--output_dir", str(tmp_path / "bad0")])
     codes = T.VQAETokenizer(T.load_vae(str(vq / "checkpoint-last.pth")), 8, discrete=True)
     assert torch.equal(codes.encode(x), codes.codebook[codes.indices(x)]) and codes.num_codes == 16
 

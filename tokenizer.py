@@ -824,6 +824,9 @@ def cache_latents(dataset, vae, path, batch_size=64, device=None, num_workers=0)
     n = len(dataset)
     if n == 0:
         raise ValueError("cache_latents: the dataset is empty")
+    if not vae.double_z:
+        raise ValueError("cache_latents caches a KL autoencoder's posterior; a VQ one (vq_*) has none: train on "
+                         "the images with --vae instead")
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     vae = vae.to(device).eval()
     os.makedirs(path, exist_ok=True)

@@ -220,6 +220,9 @@ def make_tokenizer(args, dataset):
     else:
         size = getattr(dataset, "image_size", args.image_size or 256)
     if isinstance(vae, tk.AutoencoderVQ):
+        if args.data == "latents":
+            raise ValueError(f"--data latents holds a KL autoencoder's posteriors; --vae {args.vae} is a VQ one: "
+                             "train on the images (--data folder / array / fashion_mnist) with it")
         return tk.VQAETokenizer(vae, size, args.patch_size, discrete=args.head == "ce")
     if args.head == "ce":
         raise ValueError(f"--head ce needs discrete tokens: --vae {args.vae} is a KL autoencoder (continuous); "
