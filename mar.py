@@ -805,6 +805,9 @@ def load_checkpoint(path, key="model_ema"):
         if name is None:
             raise ValueError(f"{path}: 'config' has no 'model' entry; train.py writes "
                              "{'model': name, **build_model kwargs}")
+        if name not in MODELS and "embed_dim" in overrides:          # an autoencoder trained by train.py
+            raise ValueError(f"{path} holds an autoencoder ({name}), a tokenizer: pass it as --vae to train.py, "
+                             "and sample from the MAR run trained on its latents")
     else:
         name, overrides, diff = guess_model(state_dict)
         if diff:

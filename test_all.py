@@ -2281,6 +2281,8 @@ def test_train_a_tokenizer_then_mar_on_its_latents(tmp_path):
         train.main(mar_flags + ["--vae", str(vq / "checkpoint-last.pth"), "--head", head, "--output_dir", str(out)])
         tok = T.torch_load(str(out / "checkpoint-last.pth"))["tokenizer"]
         assert (tok["kind"], tok["discrete"]) == ("vqae", kind)
+    with pytest.raises(ValueError, match=r"holds an autoencoder \(kl_f4\), a tokenizer: pass it as --vae"):
+        sample.main(["--ckpt", str(kl / "checkpoint-last.pth"), "--out", str(tmp_path / "x.png")])
     T.cache_latents(torch.utils.data.Subset(data, range(8)), vae, str(tmp_path / "cache"))   # the KL one's
     with pytest.raises(ValueError, match="holds a KL autoencoder's posteriors; --vae .* is a VQ one"):
         train.main(["--data", "latents", "--data_path", str(tmp_path / "cache"), "--vae", str(vq / "checkpoint-last.pth"),
