@@ -2281,6 +2281,10 @@ def test_train_a_tokenizer_then_mar_on_its_latents(tmp_path):
         train.main(mar_flags + ["--vae", str(vq / "checkpoint-last.pth"), "--head", head, "--output_dir", str(out)])
         tok = T.torch_load(str(out / "checkpoint-last.pth"))["tokenizer"]
         assert (tok["kind"], tok["discrete"]) == ("vqae", kind)
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.zeros(4, np.int64))
+    with pytest.raises(ValueError, match=r"reads images of 1 channel\(s\); the array images have 3"):
+        train.main(["--data", "array", "--data_path", str(tmp_path / "rgb.npz"), "--vae", str(kl / "checkpoint-last.pth"),
+                    "--output_dir", str(tmp_path / "bad_rgb")])
     with pytest.raises(ValueError, match=r"holds an autoencoder \(kl_f4\), a tokenizer: pass it as --vae"):
         sample.main(["--ckpt", str(kl / "checkpoint-last.pth"), "--out", str(tmp_path / "x.png")])
     T.cache_latents(torch.utils.data.Subset(data, range(8)), vae, str(tmp_path / "cache"))   # the KL one's

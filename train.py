@@ -219,6 +219,9 @@ def make_tokenizer(args, dataset):
         size = dataset.moments.shape[-1] * vae.downsample_factor
     else:
         size = getattr(dataset, "image_size", args.image_size or 256)
+        if dataset.channels != vae.in_channels:
+            raise ValueError(f"--vae {args.vae} reads images of {vae.in_channels} channel(s); the {args.data} images "
+                             f"have {dataset.channels}: train an autoencoder on these images (train.py --model kl_f4)")
     if isinstance(vae, tk.AutoencoderVQ):
         if args.data == "latents":
             raise ValueError(f"--data latents holds a KL autoencoder's posteriors; --vae {args.vae} is a VQ one: "
