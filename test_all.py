@@ -1122,8 +1122,9 @@ def test_autoencoder_loss_with_an_adversary():
         adv.pairs = [(x, fake)]
         adv.step(1e-3, cpu, "fp32")
     assert d_loss() < first and not adv.pairs
-    stats = adv.log_stats()
-    assert 0 < stats["disc_loss"] and adv.log_stats() == {}                      # the mean since the last log
+    stats = adv.log_stats()                                                     # means since the last log
+    assert 0 < stats["disc_loss"] and stats["gen_loss"] == round(g.item(), 4) and \
+        stats["adv_weight"] == round(0.5 * lam.item(), 4) and adv.log_stats() == {}
 
 
 # ---------------------------------------------------------------- tokens
@@ -2300,6 +2301,10 @@ def test_train_a_tokenizer_then_mar_on_its_latents(tmp_path):
         train.get_args(["--disc_weight", "0.5"])
     with pytest.raises(ValueError, match="must be finite numbers >= 0"):
         train.get_args(["--model", "kl_f4", "--disc_start", "-1"])
+    with pytest.raises(ValueError, match="--disc_start without --disc_weight"):
+        train.get_args(["--model", "kl_f4", "--disc_start", "1"])
+    with pytest.raises(ValueError, match="would never start"):
+        train.get_args(["--model", "kl_f4", "--disc_weight", "0.5", "--disc_start", "2", "--epochs", "2"])
     with pytest.raises(ValueError, match="needs discrete tokens"):
         train.main(mar_flags + ["--vae", str(kl / "checkpoint-last.pth"), "--head", "ce", "--output_dir",
                                 str(tmp_path / "bad")])
@@ -2317,7 +2322,7 @@ def test_autoencoder_with_the_adversarial_term_trains_from_its_start_and_resumes
         train.main([a if a != "16" else "8" for a in ae] + ["--output_dir", str(tmp_path / "small")])
     train.main(ae + ["--max_steps", "3", "--output_dir", str(tmp_path / "a")])
     rows = [json.loads(line) for line in train.metric_rows(tmp_path / "a" / "metrics.jsonl")]
-    assert "disc_loss" not in rows[0] and all(r["disc_loss"] > 0 for r in rows[1:])
+    assert "disc_loss" not in rows[0] and all(r["disc_loss"] > 0 and r["adv_weight"] > 0 for r in rows[1:])
     train.main(ae + ["--max_steps", "2", "--output_dir", str(tmp_path / "b")])
     train.main(ae + ["--max_steps", "3", "--output_dir", str(tmp_path / "b"), "--resume",
                      str(tmp_path / "b" / "checkpoint-last.pth")])

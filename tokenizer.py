@@ -455,9 +455,9 @@ class AutoencoderVQ(AutoencoderKL):
 class PatchDiscriminator(nn.Module):
     """The adversary of LDM's autoencoder loss: pix2pix's PatchGAN (Isola et al. 2017; taming-transformers'
     NLayerDiscriminator): 4x4 convolutions, n_layers of stride 2 then one of stride 1, LeakyReLU(0.2), a
-    logit per overlapping patch (28x28 images: 5x5 logits, each seeing 22x22 pixels). GroupNorm where
-    taming has BatchNorm: a real and a fake batch can then share one forward pass with the same result as
-    two, and DDP ranks share no batch statistics."""
+    logit per overlapping patch (each from a 34x34 window: 28x28 images give 5x5 logits that each see
+    nearly all of it). GroupNorm where taming has BatchNorm: a real and a fake batch can then share one
+    forward pass with the same result as two, and DDP ranks share no batch statistics."""
 
     def __init__(self, in_channels=3, ch=64, n_layers=2):
         super().__init__()

@@ -534,6 +534,12 @@ def get_args(argv=None):
     if not (0 <= args.disc_weight < math.inf and 0 <= args.disc_start < math.inf):
         raise ValueError(f"--disc_weight and --disc_start must be finite numbers >= 0, got {args.disc_weight}, "
                          f"{args.disc_start}")
+    if args.disc_start and not args.disc_weight:
+        raise ValueError("--disc_start without --disc_weight: there is no adversarial term to start (add "
+                         "--disc_weight, e.g. LDM's 0.5)")
+    if args.disc_weight and args.disc_start >= args.epochs:
+        raise ValueError(f"--disc_start {args.disc_start} is not before --epochs {args.epochs}: the adversarial "
+                         "term would never start")
     if args.kl_weight is not None and not 0 <= args.kl_weight < math.inf:
         raise ValueError(f"--kl_weight must be a finite number >= 0, got {args.kl_weight}")
     if args.vq is not None and (args.vq < 2 or args.vae is not None):   # (an autoencoder's codebook: K >= 2)
@@ -677,7 +683,8 @@ class Adversary:
     its own Adam (betas (0.5, 0.9), taming's; the autoencoder's learning rate) and the hinge loss. Once `on`
     (from --disc_start), the autoencoder's loss gains disc_weight * adaptive_weight * -D(reconstruction)
     (tokenizer.py's forward calls generator_term), and after each training step the discriminator takes one
-    step on the same real images and their (detached) reconstructions."""
+    step on the same real images and their (detached) reconstructions, made before the autoencoder's step
+    (taming decodes them again after it: one forward pass more for the same end)."""
 
     def __init__(self, channels, image_size, weight, device, world):
         self.disc = tk.PatchDiscriminator(channels).to(device)
@@ -688,16 +695,23 @@ class Adversary:
             else self.disc
         self.opt = torch.optim.Adam(self.disc.parameters(), lr=0.0, betas=(0.5, 0.9))
         self.weight, self.on, self.pairs = weight, False, []
-        self.loss_sum, self.losses = torch.zeros((), device=device), 0
+        self.sums = torch.zeros(3, device=device)        # since the last log: D's loss, -D(rec), the weight
+        self.counts = [0, 0]                             # D steps, generator terms
+        self.finite = torch.ones((), dtype=torch.bool, device=device)      # D's last loss (train's check)
 
     def generator_term(self, rec_loss, images, rec, last_layer):
         if not self.on:
             return 0.0
         self.pairs.append((images, rec.detach()))
         self.disc.requires_grad_(False)                  # the gradient flows through D to the decoder only
-        g_loss = -self.disc(rec).float().mean()
-        self.disc.requires_grad_(True)
-        return self.weight * tk.adaptive_weight(rec_loss, g_loss, last_layer) * g_loss
+        try:
+            g_loss = -self.disc(rec).float().mean()
+        finally:
+            self.disc.requires_grad_(True)
+        weight = self.weight * tk.adaptive_weight(rec_loss, g_loss, last_layer)
+        self.sums[1:] += torch.stack([g_loss.detach(), weight])
+        self.counts[1] += 1
+        return weight * g_loss
 
     def step(self, lr, device, precision):
         """The discriminator's step on this training step's pairs (none while off)."""
@@ -713,16 +727,21 @@ class Adversary:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.loss_sum += loss.detach()
-        self.losses += 1
+        self.sums[0] += loss.detach()
+        self.counts[0] += 1
+        self.finite = torch.isfinite(loss.detach())
 
     def log_stats(self):
-        """The discriminator's mean loss (rank 0's) since the last log; 1.0 = chance (logits near 0)."""
-        if not self.losses:
+        """Rank 0's means since the last log: the discriminator's loss (1.0 = chance, logits near 0), the
+        generator's adversarial loss -D(rec) and its weight (disc_weight x adaptive weight), which make
+        the logged loss larger than the reconstruction's by their product."""
+        if not self.counts[1]:
             return {}
-        stats = dict(disc_loss=round(self.loss_sum.item() / self.losses, 4))
-        self.loss_sum.zero_()
-        self.losses = 0
+        d, g, w = self.sums.tolist()
+        stats = dict(disc_loss=round(d / max(self.counts[0], 1), 4), gen_loss=round(g / self.counts[1], 4),
+                     adv_weight=round(w / self.counts[1], 4))
+        self.sums.zero_()
+        self.counts = [0, 0]
         return stats
 
     def state_dict(self):
@@ -912,6 +931,7 @@ def train(args, rank, world, device):
             opt.zero_grad(set_to_none=True)
             if adversary is not None:
                 adversary.step(lr, device, args.precision)
+                first_bad = torch.where(adversary.finite | (first_bad >= 0), first_bad, step)
             update_ema(ema, model, args.ema_decay, step)
             step += 1
             window_steps += 1
