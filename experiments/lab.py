@@ -111,7 +111,6 @@ def fmt(x, digits=2):
     return "-" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
-
 def measurement_lock(args, **key):
     return os.path.join(cache_dir(args.runs_dir), "measuring",
                         "_".join(f"{k}-{v}" for k, v in sorted(key.items())) + ".lock")

@@ -30,13 +30,15 @@ Protocol (every choice):
     sweeps against the training images, N = 5,000 vs the test set), with --vae: MAR with the small-data
     recipe's flags and AR raster with the Diffusion Loss on the KL latents; MAR (recipe) with the Diffusion
     Loss on the VQ twin's latents before quantisation, and with cross-entropy on its codes (one code per
-    token: patch 1). Beside them, Table 1's pixel rows (experiments/table1.jsonl).
+    token: patch 1, so 49 tokens on an f4 twin but 196 on an f2 one). Each row's run directory and records
+    name its tokenizer's weights. Beside them, Table 1's pixel rows (experiments/table1.jsonl).
 """
 import argparse
 import math
 import os
 import shlex
 import sys
+import time
 
 import numpy as np
 import torch
@@ -117,41 +119,47 @@ def measure_tokenizer(args, ev, name, tokenizer, train_info):
 
 
 def tokenizers(args, ev):
-    """Train the candidates, measure each (and the pixel / k-means VQ-1024 baselines) -> {name: checkpoint}."""
+    """Train the candidates, measure each (and the pixel / k-means VQ-1024 baselines) -> {name: (checkpoint,
+    digest of its EMA weights)}: a tokenizer trained further is another tokenizer, with its own records."""
     names = [n for n in TOKENIZERS if n in args.tokenizers]
     paths = lab.train_all({n: tokenizer_spec(args, n) for n in names}, len(ev.train_set))
+    trained = {}
     for name in names:
         vae = tk.load_vae(paths[name])
         ckpt = tk.torch_load(paths[name])
-        info = dict(train_steps=ckpt["step"], weights_sha=lab.weights_sha(vae), scale=ckpt["scale"],
-                    precision=args.precision, train_time_s=lab.training_time(os.path.dirname(paths[name])))
+        info = dict(train_steps=ckpt["step"], epochs=ckpt["args"]["epochs"], weights_sha=lab.weights_sha(vae),
+                    scale=ckpt["scale"], precision=args.precision,
+                    train_time_s=lab.training_time(os.path.dirname(paths[name])))
         measure_tokenizer(args, ev, name, vae, info)
+        trained[name] = (paths[name], info["weights_sha"])
     measure_tokenizer(args, ev, "pixel", tk.PixelTokenizer(28, 1, 4), {})
     measure_tokenizer(args, ev, f"vq{args.vq}", table1.vq_tokenizer(args, ev.train_set), {})
-    return paths
+    return trained
 
 
-def chosen_kl(args, records):
-    """The KL candidate with the lowest rFID (None until each candidate is measured)."""
-    rfid = {r["tokenizer"]: r["rfid"] for r in lab.find(records, kind="tokens", precision=args.precision)}
+def chosen_kl(args, records, trained):
+    """The KL candidate whose weights (these trainings) have the lowest rFID; None until each is measured."""
     kl = [n for n in TOKENIZERS if n.startswith("kl_") and n in args.tokenizers]
+    rfid = {n: r["rfid"] for n in kl for r in lab.find(records, kind="tokens", tokenizer=n, weights_sha=trained[n][1])}
     return min(kl, key=lambda n: rfid[n]) if kl and all(n in rfid for n in kl) else None
 
 
 # ------------------------------------------------------------------------------------------------
 # Rows: Table 1's protocol on the chosen tokenizers
 # ------------------------------------------------------------------------------------------------
-def row_spec(args, row, kl, paths):
-    """lab.ensure_trained's (run directory, train.py arguments) of a row."""
+def row_spec(args, row, kl, trained):
+    """lab.ensure_trained's (run directory, train.py arguments) of a row. The directory names the
+    tokenizer's weights: a retrained tokenizer gets new rows, never a row trained on the old one."""
     model, order, head, _, _, _, _ = ROWS[row]
     name = tokens_of(row, kl)
+    path, sha = trained[name]
     patch = 1 if head == "ce" else TOKENIZERS[name][1]
     argv = table1.COMMON + ["--model", model] + (["--order", order] if order else []) + ["--head", head]
     argv += list(RECIPE) if model.startswith("mar_") else []
-    argv += ["--vae", paths[name], "--patch_size", str(patch), "--precision", args.precision]
+    argv += ["--vae", path, "--patch_size", str(patch), "--precision", args.precision]
     argv += (["--data_path", args.data_path] if args.data_path else []) + \
         (["--max_steps", str(args.max_steps)] if args.max_steps else [])
-    return os.path.join(args.runs_dir, f"t2_{row}_{name}_{args.precision}"), argv
+    return os.path.join(args.runs_dir, f"t2_{row}_{name}_{sha[:8]}_{args.precision}"), argv
 
 
 def tokens_of(row, kl):
@@ -159,9 +167,9 @@ def tokens_of(row, kl):
     return kl if ROWS[row][3] == "kl" else "vq" + kl[2:]
 
 
-def evaluate_row(args, ev, row, name, ckpt_path):
+def evaluate_row(args, ev, row, name, sha, ckpt_path):
     model, ckpt, tokenizer = lab.load_row_model(args, ckpt_path)
-    common = dict(tokenizer=name, num_iter=ROWS[row][4] or model.seq_len,
+    common = dict(tokenizer=name, tokenizer_sha=sha, num_iter=ROWS[row][4] or model.seq_len,
                   train_time_s=lab.training_time(os.path.dirname(ckpt_path)), batch=args.batch,
                   threads=torch.get_num_threads(), **lab.setting(args))
     lab.measure_row(args, ev, row, model, tokenizer, ckpt, ROWS[row][4], common, ROWS[row][2] == "diffusion",
@@ -174,16 +182,18 @@ def evaluate_row(args, ev, row, name, ckpt_path):
 # ------------------------------------------------------------------------------------------------
 def write_table(args):
     records = lab.read_records(args.out)
-    tokens = {r["tokenizer"]: r for r in lab.find(records, kind="tokens")}              # the latest of each
-    lines = [f"Tokenizers: reconstructions of the {10_000} test images (MSE in [-1, 1], PSNR on [0, 1]) and "
-             f"their rFID (N = {args.num_rfid} vs the test set's statistics); autoencoders trained "
-             f"{args.tokenizer_epochs:g} epochs in {args.precision}.", "",
-             "| tokenizer | MSE | PSNR (dB) | rFID | latent scale | train steps, time |", "|---|---|---|---|---|---|"]
-    for name, r in tokens.items():
+    tokens = {(r["tokenizer"], r.get("precision")): r for r in lab.find(records, kind="tokens")}  # latest of each
+    lines = ["Tokenizers: reconstructions of the test images (MSE in [-1, 1], PSNR on [0, 1]) and their rFID "
+             "(N of them vs the test set's statistics).", "",
+             "| tokenizer | trained (epochs, precision, steps, time) | MSE | PSNR (dB) | rFID (N) | latent scale |",
+             "|---|---|---|---|---|---|"]
+    for (name, precision), r in tokens.items():
         psnr = "exact" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
-        train = f"{r['train_steps']}, {r['train_time_s'] / 60:.0f} min" if "train_steps" in r else "-"
-        lines.append(f"| {name} | {r['mse']:.4f} | {psnr} | {r['rfid']:.2f} | {lab.fmt(r.get('scale'), 4)} | "
-                     f"{train} |")
+        epochs = "-" if r.get("epochs") is None else f"{r['epochs']:g}"
+        train = f"{epochs}, {precision}, {r['train_steps']}, {r['train_time_s'] / 60:.0f} min" \
+            if "train_steps" in r else "-"
+        lines.append(f"| {name} | {train} | {r['mse']:.4f} | {psnr} | {r['rfid']:.2f} ({r['n']}) | "
+                     f"{lab.fmt(r.get('scale'), 4)} |")
     t1, t1_records = table1.get_args(["--out", args.table1]), lab.read_records(args.table1)   # Table 1's fp32
     lines += ["", f"Rows: Table 1's protocol (FID of N = {args.num_fid} samples vs the 10,000 test images; CFG "
               f"scale chosen by FID of {args.num_sweep} samples vs training images; tuned: the temperature too); "
@@ -238,9 +248,14 @@ def get_args(argv=None):
     if bad:
         raise ValueError(f"unknown --rows / --tokenizers {bad}; rows: {', '.join(ROWS)}; tokenizers: "
                          f"{', '.join(TOKENIZERS)}")
-    twins = ["vq" + t[2:] for t in args.tokenizers if t.startswith("kl_")]
-    if any(r.endswith("_vq") for r in args.rows) and any(t not in args.tokenizers for t in twins):
-        raise ValueError(f"the VQ rows need the VQ twins among --tokenizers: add {', '.join(twins)}")
+    missing = ["vq" + t[2:] for t in args.tokenizers if t.startswith("kl_") and "vq" + t[2:] not in args.tokenizers]
+    if any(r.endswith("_vq") for r in args.rows) and missing:
+        raise ValueError(f"the VQ rows need the VQ twins among --tokenizers: add {', '.join(missing)}")
+    if args.rows and not any(t.startswith("kl_") for t in args.tokenizers):
+        raise ValueError("the rows model the chosen KL tokenizer's latents (or its twin's): add a kl_* to --tokenizers")
+    if args.tokenizer_epochs <= float(GAN[3]) and any(t.endswith("_gan") for t in args.tokenizers):
+        raise ValueError(f"the *_gan candidates start their adversarial term at epoch {GAN[3]}: --tokenizer_epochs "
+                         f"must be more (got {args.tokenizer_epochs:g})")
     # Table 1's protocol (its settings, defaults and --table1_args), with this table's files
     t1 = table1.get_args(shlex.split(args.table1_args) + ["--runs_dir", args.runs_dir])
     for k, v in vars(t1).items():
@@ -257,20 +272,24 @@ def main(argv=None, inception=None):
         print(open(args.table).read())
         return
     ev = lab.Evaluator(args, inception)
-    paths = tokenizers(args, ev)
-    kl = chosen_kl(args, lab.read_records(args.out))
-    if args.tokenizers_only or kl is None:
+    trained = tokenizers(args, ev)
+    while not args.tokenizers_only and (kl := chosen_kl(args, lab.read_records(args.out), trained)) is None:
+        print("table2: waiting for the tokenizer measurements another process is taking", flush=True)
+        time.sleep(30)
+        tokenizers(args, ev)                                # (one whose process died is taken over)
+    if args.tokenizers_only:
         write_table(args)
         print(open(args.table).read())
         return
-    ckpts = lab.train_all({row: row_spec(args, row, kl, paths) for row in args.rows}, len(ev.train_set))
+    ckpts = lab.train_all({row: row_spec(args, row, kl, trained) for row in args.rows}, len(ev.train_set))
     samples = []
     for row in args.rows:
-        model, tokenizer = evaluate_row(args, ev, row, tokens_of(row, kl), ckpts[row])
+        name = tokens_of(row, kl)
+        model, tokenizer = evaluate_row(args, ev, row, name, trained[name][1], ckpts[row])
         if args.docs:
             samples.append(ev.sample(model, tokenizer, 8, ROWS[row][4], 1.0)[0])
     if args.docs:
-        figure(args, ev, [tk.load_vae(paths[n]) for n in (kl, "vq" + kl[2:]) if n in paths], samples)
+        figure(args, ev, [tk.load_vae(trained[n][0]) for n in (kl, "vq" + kl[2:]) if n in trained], samples)
     write_table(args)
     print(open(args.table).read())
 

@@ -781,11 +781,15 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     assert tokens["kl_f4"]["train_steps"] == 2 and tokens["kl_f4"]["scale"] > 0 and tokens["kl_f4"]["mse"] > 0
     rows = [r for r in records if r.get("row") == "mar16_ce_vq"]
     assert sorted((r["kind"], r["cfg"]) for r in rows) == [("final", 1.0), ("final", 2.0), ("sweep", 2.0)]
-    assert {r["tokenizer"] for r in rows} == {"vq_f4"}
-    ckpt = T.torch_load(str(tmp_path / "runs" / "t2_mar16_ce_vq_vq_f4_fp32" / "checkpoint-last.pth"))
+    assert {(r["tokenizer"], r["tokenizer_sha"]) for r in rows} == {("vq_f4", tokens["vq_f4"]["weights_sha"])}
+    run = tmp_path / "runs" / f"t2_mar16_ce_vq_vq_f4_{tokens['vq_f4']['weights_sha'][:8]}_fp32"   # its tokenizer's
+    ckpt = T.torch_load(str(run / "checkpoint-last.pth"))
     assert (ckpt["tokenizer"]["kind"], ckpt["tokenizer"]["discrete"], ckpt["config"]["seq_len"]) == ("vqae", True, 49)
     assert ckpt["args"]["mask_ratio_law"] == "uniform" and ckpt["args"]["dropout"] == 0       # the recipe
     assert (tmp_path / "table2.png").exists() and "| MAR (recipe) | VQ, codes (vq_f4) | CrossEnt |" in md.read_text()
+    assert f"| kl_f4 | 2, fp32, 2, 0 min | {tokens['kl_f4']['mse']:.4f} |" in md.read_text()
+    with pytest.raises(ValueError, match="must be more"):
+        table2.get_args(argv + ["--tokenizers", "kl_f4_gan,vq_f4_gan", "--tokenizer_epochs", "1"])
     table2.main(argv, inception=features)
     assert len(lab.read_records(str(out))) == len(records)
 
