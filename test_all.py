@@ -1336,6 +1336,7 @@ def test_cache_latents_and_cached_reads(tmp_path):
     assert moments.shape == (6, 2, 8, 16, 16) and moments.dtype == np.float32
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert not os.path.exists(os.path.join(cache, "moments.partial.npy"))
+    assert T.CachedLatents(cache).weights_sha == T.weights_digest(vae)          # which weights made it
     with torch.no_grad():
         for i in range(6):
             x = ds[i][0][None]
@@ -2289,6 +2290,12 @@ def test_train_a_tokenizer_then_mar_on_its_latents(tmp_path):
     with pytest.raises(ValueError, match=r"holds an autoencoder \(kl_f4\), a tokenizer: pass it as --vae"):
         sample.main(["--ckpt", str(kl / "checkpoint-last.pth"), "--out", str(tmp_path / "x.png")])
     T.cache_latents(torch.utils.data.Subset(data, range(8)), vae, str(tmp_path / "cache"))   # the KL one's
+    latents = ["--data", "latents", "--data_path", str(tmp_path / "cache"), "--vae", str(kl / "checkpoint-last.pth"),
+               "--batch_size", "4", "--max_steps", "1", "--sample_every", "0", "--precision", "fp32"]
+    train.main(latents + ["--output_dir", str(tmp_path / "m_latents")])         # its own autoencoder: trains
+    (tmp_path / "cache" / "autoencoder.json").write_text('{"weights_sha": "0123456789ab"}')
+    with pytest.raises(ValueError, match="holds the latents of another autoencoder"):
+        train.main(latents + ["--output_dir", str(tmp_path / "bad_latents")])
     with pytest.raises(ValueError, match="holds a KL autoencoder's posteriors; --vae .* is a VQ one"):
         train.main(["--data", "latents", "--data_path", str(tmp_path / "cache"), "--vae", str(vq / "checkpoint-last.pth"),
                     "--output_dir", str(tmp_path / "bad0")])

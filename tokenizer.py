@@ -38,6 +38,8 @@ Example, the cache step for ImageNet 256 (then train from `CachedLatents("cache/
 """
 import argparse
 import gzip
+import hashlib
+import json
 import math
 import os
 import re
@@ -848,7 +850,19 @@ def cache_latents(dataset, vae, path, batch_size=64, device=None, num_workers=0)
     del moments
     os.replace(tmp, os.path.join(path, "moments.npy"))
     np.save(os.path.join(path, "labels.npy"), labels)
+    with open(os.path.join(path, "autoencoder.json"), "w") as f:     # which weights made it (train.py checks)
+        json.dump({"weights_sha": weights_digest(vae)}, f)
     return n
+
+
+def weights_digest(module):
+    """12 hex digits of a SHA-256 over a module's state dict (names and values, in order): which weights
+    made a latent cache (and, in experiments/, which checkpoint a measurement used)."""
+    h = hashlib.sha256()
+    for name, v in module.state_dict().items():
+        h.update(name.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 class CachedLatents(torch.utils.data.Dataset):
@@ -872,6 +886,8 @@ class CachedLatents(torch.utils.data.Dataset):
                              f"labels {self.labels.shape}; rebuild it with cache_latents")
         self.generator = generator
         self.num_classes = int(self.labels.max()) + 1
+        made_by = os.path.join(path, "autoencoder.json")       # absent in caches written before it
+        self.weights_sha = json.load(open(made_by))["weights_sha"] if os.path.isfile(made_by) else None
 
     def __len__(self):
         return len(self.moments)

@@ -215,17 +215,22 @@ def make_tokenizer(args, dataset):
             return vq_tokenizer(args, dataset, size)
         return tk.PixelTokenizer(size, dataset.channels, args.patch_size)
     vae = tk.load_vae(args.vae)
+    if args.data == "latents" and isinstance(vae, tk.AutoencoderVQ):
+        raise ValueError(f"--data latents holds a KL autoencoder's posteriors; --vae {args.vae} is a VQ one: "
+                         "train on the images (--data folder / array / fashion_mnist) with it")
     if args.data == "latents":
         size = dataset.moments.shape[-1] * vae.downsample_factor
+        made_by = dataset.weights_sha
+        if dataset.moments.shape[2] != 2 * getattr(vae, "embed_dim", -1) or made_by not in (None, tk.weights_digest(vae)):
+            raise ValueError(f"--data_path {args.data_path!r} holds the latents of another autoencoder than --vae "
+                             f"{args.vae} (its weights {made_by}, {dataset.moments.shape[2] // 2} channels): pass the "
+                             "--vae that cached them, or cache them again with this one")
     else:
         size = getattr(dataset, "image_size", args.image_size or 256)
         if dataset.channels != vae.in_channels:
             raise ValueError(f"--vae {args.vae} reads images of {vae.in_channels} channel(s); the {args.data} images "
                              f"have {dataset.channels}: train an autoencoder on these images (train.py --model kl_f4)")
     if isinstance(vae, tk.AutoencoderVQ):
-        if args.data == "latents":
-            raise ValueError(f"--data latents holds a KL autoencoder's posteriors; --vae {args.vae} is a VQ one: "
-                             "train on the images (--data folder / array / fashion_mnist) with it")
         return tk.VQAETokenizer(vae, size, args.patch_size, discrete=args.head == "ce")
     if args.head == "ce":
         raise ValueError(f"--head ce needs discrete tokens: --vae {args.vae} is a KL autoencoder (continuous); "

@@ -24,7 +24,6 @@ Conventions every script follows:
 import argparse
 import contextlib
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -72,11 +71,7 @@ def weights_sha(model):
     change that reorders one float sum changes every later step), so records are pooled (a skipped
     measurement, a sweep's choice, the columns of one table row) only among the same weights, not only
     the same step. Records written before this field have none (None)."""
-    h = hashlib.sha256()
-    for name, v in model.state_dict().items():
-        h.update(name.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
+    return tk.weights_digest(model)
 
 
 def checkpoint_key(model, ckpt):
