@@ -457,16 +457,20 @@ def nice_ticks(lo, hi, n=5):
 
 
 def line_plot(path, series, title, xlabel, ylabel, logx=False, data_ticks=True, hline=None):
-    """series: [(label, [(x, y, point label), ...])] -> PNG: framed axes with ticks and grid, the axis
-    labels, a legend above the frame (in as many rows as its entries need), a dashed reference line
-    hline = (label, y). Each series' line joins its points in the order given (the speed plot's x,
-    seconds, need not grow with its setting)."""
+    """series: [(label, [(x, y, point label), ...]) or (label, points, style)] -> PNG: framed axes with
+    ticks and grid, the axis labels, a legend above the frame (in as many rows as its entries need), a
+    dashed reference line hline = (label, y). Each series' line joins its points in the order given (the
+    speed plot's x, seconds, need not grow with its setting). style: {"color": "#rrggbb", "dashed": True}
+    (default: the next color of the palette, solid)."""
     from PIL import Image, ImageDraw, ImageFont
     W, H, L, R, B = 760, 500, 70, 30, 55                       # image size; margins left, right, bottom
     img, font = Image.new("RGB", (W, H), "white"), ImageFont.load_default(size=14)
     d = ImageDraw.Draw(img)
     legend, lx, row = [], L, 0                                 # each entry's (x, row): a row wraps at the edge
-    for label, _ in series:
+    palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f")
+    series = [(s[0], s[1], {"color": palette[i % len(palette)], **(s[2] if len(s) > 2 else {})})
+              for i, s in enumerate(series)]
+    for label, _, _ in series:
         width = 30 + d.textlength(label, font=font)
         if lx > L and lx + width > W - R:
             lx, row = L, row + 1
@@ -474,8 +478,8 @@ def line_plot(path, series, title, xlabel, ylabel, logx=False, data_ticks=True, 
         lx += width + 20
     T = 60 + 20 * (row + 1)                                    # top margin: title, legend rows
     f = math.log10 if logx else float
-    xs = sorted({p[0] for _, pts in series for p in pts})
-    ys = [p[1] for _, pts in series for p in pts] + ([hline[1]] if hline else [])
+    xs = sorted({p[0] for _, pts, _ in series for p in pts})
+    ys = [p[1] for _, pts, _ in series for p in pts] + ([hline[1]] if hline else [])
     yt = nice_ticks(min(ys), max(ys))
     xt = xs if data_ticks else nice_ticks(min(xs), max(xs))
     pad = 0.05 * (f(xs[-1]) - f(xs[0]) or 1)
@@ -496,14 +500,20 @@ def line_plot(path, series, title, xlabel, ylabel, logx=False, data_ticks=True, 
         for x in range(L, W - R, 12):
             d.line((x, Y(hline[1]), min(x + 6, W - R), Y(hline[1])), fill="gray")
         d.text((W - R - 4, Y(hline[1]) - 3), hline[0], fill="gray", font=font, anchor="rb")
-    for color, (label, pts), (lx, row) in zip(("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
-                                               "#e377c2", "#7f7f7f"), series, legend):
+    def line(xy, color, width, dashed):
+        for (ax, ay), (bx, by) in zip(xy, xy[1:]):
+            n = max(1, int(math.hypot(bx - ax, by - ay) / 8)) if dashed else 1      # 8-pixel dashes
+            for k in range(0, n, 2 if dashed else 1):
+                d.line((ax + (bx - ax) * k / n, ay + (by - ay) * k / n,
+                        ax + (bx - ax) * (k + 1) / n, ay + (by - ay) * (k + 1) / n), fill=color, width=width)
+
+    for (label, pts, style), (lx, row) in zip(series, legend):
+        color, dashed = style["color"], style.get("dashed", False)
         xy = [(X(x), Y(y)) for x, y, _ in pts]
-        if len(xy) > 1:
-            d.line(xy, fill=color, width=2)
+        line(xy, color, 2, dashed)
         for (px, py), (_, _, tag) in zip(xy, pts):
             d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
             d.text((px + 5, py - 4), tag, fill=color, font=font, anchor="ld")
-        d.line((lx, 40 + 20 * row, lx + 24, 40 + 20 * row), fill=color, width=3)
+        line([(lx, 40 + 20 * row), (lx + 24, 40 + 20 * row)], color, 3, dashed)
         d.text((lx + 30, 40 + 20 * row), label, fill="black", font=font, anchor="lm")
     img.save(path)

@@ -451,19 +451,19 @@ def plot(args, bpd, samples, sizes):
     for n in sizes:
         column = []
         series = []
-        for label in MODELS:
-            for s, word in (("test", "held-out"), ("train", "train")):
-                pts = sorted((r["train_steps"] * 64 / n, r["bpd"], "")
+        for label, color in zip(MODELS, ("#1f77b4", "#2ca02c", "#d62728")):      # a color per model
+            for s, word in (("test", "held-out"), ("train", "train")):                # train: dashed
+                pts = sorted((round(r["train_steps"] * 64 / n), r["bpd"], "")
                              for r in bpd_records(args, bpd, size=n, model=label, set=s))
                 if pts:
-                    series.append((f"{label}, {word}", pts))
+                    series.append((f"{label}, {word}", pts, {"color": color, "dashed": s == "train"}))
         if series:
             path = os.path.join(args.docs, f".scarce_bpd_{n}.png")
             lab.line_plot(path, series, f"{n} training images: bits/dim", "epochs", "bits / dim", logx=True)
             column.append(path)
-        series = [(label, sorted((r["train_steps"] * 64 / n, r["fid"], "") for r in
-                                 lab.find(samples, kind="fid", size=n, model=label, n=args.num_fid)))
-                  for label in MODELS]
+        series = [(label, sorted((round(r["train_steps"] * 64 / n), r["fid"], "") for r in
+                                 lab.find(samples, kind="fid", size=n, model=label, n=args.num_fid)),
+                   {"color": color}) for label, color in zip(MODELS, ("#1f77b4", "#2ca02c", "#d62728"))]
         series = [s for s in series if s[1]]
         if series:
             path = os.path.join(args.docs, f".scarce_fid_{n}.png")

@@ -606,6 +606,12 @@ def test_line_plot_legend_wraps(tmp_path):
                    "MAR recipe w/ CFG, tuned T"]                               # wider than the plot together
     assert legend_rows(curve_lines, 2) == 2
     assert legend_rows(["a", "b"], 1) == 1
+    # a style's colour, and dashes: about half the pixels of the same line drawn solid
+    drawn = []
+    for dashed in (False, True):
+        lab.line_plot(str(tmp_path / "d.png"), [("a", pts, {"color": "#ff0000", "dashed": dashed})], "t", "x", "y")
+        drawn.append(int((np.asarray(Image.open(tmp_path / "d.png").convert("RGB")) == (255, 0, 0)).all(-1).sum()))
+    assert 0.3 < drawn[1] / drawn[0] < 0.8, drawn
 
 
 def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_in, features):
