@@ -25,7 +25,8 @@ Protocol (every choice):
     (KL through the posterior mean, VQ through its codes) and their rFID against the test set's statistics
     (--num_rfid of them, class-balanced). Pixel tokens are exact (rFID 0); Table 1's k-means VQ-1024 is
     measured the same way.
-  * The rows' KL tokenizer is the KL candidate with the lowest rFID; the VQ rows use its twin.
+  * The rows' KL tokenizer is the KL candidate with the lowest rFID; the VQ rows use its twin (trained, the
+    same way, once the choice is made: --tokenizers names the candidates, the KL ones by default).
   * Rows (ROWS): Table 1's protocol (table1.py's header: table1.COMMON, 2 epochs, its CFG / temperature
     sweeps against the training images, N = 5,000 vs the test set), with --vae: MAR with the small-data
     recipe's flags and AR raster with the Diffusion Loss on the KL latents; MAR (recipe) with the Diffusion
@@ -118,10 +119,9 @@ def measure_tokenizer(args, ev, name, tokenizer, train_info):
             write_table(args)
 
 
-def tokenizers(args, ev):
-    """Train the candidates, measure each (and the pixel / k-means VQ-1024 baselines) -> {name: (checkpoint,
+def tokenizers(args, ev, names):
+    """Train these candidates, measure each (and the pixel / k-means VQ-1024 baselines) -> {name: (checkpoint,
     digest of its EMA weights)}: a tokenizer trained further is another tokenizer, with its own records."""
-    names = [n for n in TOKENIZERS if n in args.tokenizers]
     paths = lab.train_all({n: tokenizer_spec(args, n) for n in names}, len(ev.train_set))
     trained = {}
     for name in names:
@@ -228,7 +228,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--rows", default=",".join(ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
-    a("--tokenizers", default=",".join(TOKENIZERS), help=f"candidates, from: {', '.join(TOKENIZERS)}")
+    a("--tokenizers", default=",".join(n for n in TOKENIZERS if n.startswith("kl_")),
+      help=f"candidates to train and measure, from: {', '.join(TOKENIZERS)} (the VQ rows add the chosen KL's twin)")
     a("--tokenizers_only", action="store_true", help="only train and measure the tokenizers")
     a("--tokenizer_epochs", type=float, default=2, help="the autoencoders' training length")
     a("--tokenizer_batch", type=int, default=64, help="the autoencoders' batch (and lr = 4e-3 * batch / 256)")
@@ -248,10 +249,7 @@ def get_args(argv=None):
     if bad:
         raise ValueError(f"unknown --rows / --tokenizers {bad}; rows: {', '.join(ROWS)}; tokenizers: "
                          f"{', '.join(TOKENIZERS)}")
-    missing = ["vq" + t[2:] for t in args.tokenizers if t.startswith("kl_") and "vq" + t[2:] not in args.tokenizers]
-    if any(r.endswith("_vq") for r in args.rows) and missing:
-        raise ValueError(f"the VQ rows need the VQ twins among --tokenizers: add {', '.join(missing)}")
-    if args.rows and not any(t.startswith("kl_") for t in args.tokenizers):
+    if not args.tokenizers_only and args.rows and not any(t.startswith("kl_") for t in args.tokenizers):
         raise ValueError("the rows model the chosen KL tokenizer's latents (or its twin's): add a kl_* to --tokenizers")
     if args.tokenizer_epochs <= float(GAN[3]) and any(t.endswith("_gan") for t in args.tokenizers):
         raise ValueError(f"the *_gan candidates start their adversarial term at epoch {GAN[3]}: --tokenizer_epochs "
@@ -272,15 +270,18 @@ def main(argv=None, inception=None):
         print(open(args.table).read())
         return
     ev = lab.Evaluator(args, inception)
-    trained = tokenizers(args, ev)
+    names = [n for n in TOKENIZERS if n in args.tokenizers]
+    trained = tokenizers(args, ev, names)
     while not args.tokenizers_only and (kl := chosen_kl(args, lab.read_records(args.out), trained)) is None:
         print("table2: waiting for the tokenizer measurements another process is taking", flush=True)
         time.sleep(30)
-        tokenizers(args, ev)                                # (one whose process died is taken over)
+        tokenizers(args, ev, names)                         # (one whose process died is taken over)
     if args.tokenizers_only:
         write_table(args)
         print(open(args.table).read())
         return
+    if any(tokens_of(row, kl) != kl for row in args.rows):  # the VQ rows: the chosen KL's twin, trained the same
+        trained.update(tokenizers(args, ev, ["vq" + kl[2:]]))
     ckpts = lab.train_all({row: row_spec(args, row, kl, trained) for row in args.rows}, len(ev.train_set))
     samples = []
     for row in args.rows:

@@ -764,19 +764,20 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
 # Table 2: tokenizers trained here (experiments/table2.py)
 
 def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
-    """experiments/table2.py on the 100-image stand-in: the KL candidate and its VQ twin trained 2 steps,
-    their quality measured beside pixel and k-means tokens, the KL one chosen (the only candidate), MAR with
-    cross-entropy on the twin's codes trained on them and measured with Table 1's protocol; the figure; a
-    second call finds everything done."""
+    """experiments/table2.py on the 100-image stand-in: the KL candidate trained 2 steps, chosen (the only one),
+    its VQ twin trained because a VQ row needs it; their quality measured beside pixel and k-means tokens; MAR
+    with cross-entropy on the twin's codes trained on them and measured with Table 1's protocol; the figure;
+    a second call finds everything done."""
     out, md = tmp_path / "t2.jsonl", tmp_path / "t2.md"
     t1 = ["--data_path", str(fashion_stand_in), "--num_fid", "4", "--num_sweep", "4", "--cfg_grid", "2",
           "--temperature_grid", "", "--batch", "4", "--num_sampling_steps", "2", "--vq", "8", "--max_steps", "2",
           "--inception", str(tmp_path / "none.pth"), "--precision", "fp32"]
     argv = ["--runs_dir", str(tmp_path / "runs"), "--out", str(out), "--table", str(md), "--table1",
-            str(tmp_path / "t1.jsonl"), "--docs", str(tmp_path), "--tokenizers", "kl_f4,vq_f4", "--rows",
+            str(tmp_path / "t1.jsonl"), "--docs", str(tmp_path), "--tokenizers", "kl_f4", "--rows",
             "mar16_ce_vq", "--num_rfid", "4", "--tokenizer_batch", "8", "--table1_args", shlex.join(t1)]
-    with pytest.raises(ValueError, match="VQ rows need the VQ twins"):
-        table2.get_args([a if a != "kl_f4,vq_f4" else "kl_f4" for a in argv])
+    with pytest.raises(ValueError, match="add a kl_"):
+        table2.get_args([a if a != "kl_f4" else "vq_f4" for a in argv])
+    assert table2.get_args([a if a != "kl_f4" else "vq_f4" for a in argv] + ["--tokenizers_only"]).tokenizers_only
     run, gan = table2.tokenizer_spec(table2.get_args(argv), "kl_f4_gan")                 # a candidate's flags
     assert run.endswith("t2_kl_f4_gan_fp32") and " ".join(gan).count("--model kl_f4 ") == 1 and \
         "--disc_weight 0.5 --disc_start 1" in " ".join(gan)
