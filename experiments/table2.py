@@ -9,7 +9,7 @@ the AR / MAR ordering on KL latents against the one on pixels.
 Run (from the repository root; everything finished is kept in the JSONL and skipped; two shells with
 OMP_NUM_THREADS=1 share the runs and points through lock files, as table1.py):
   python experiments/table2.py --runs_dir runs --table1_args "--precision bf16"   # tokenizers, then rows
-  python experiments/table2.py --runs_dir runs --tokenizers_only                  # only the tokenizers
+  python experiments/table2.py --runs_dir runs --tokenizers_only                  # the tokenizers, a figure of reconstructions
   python experiments/table2.py --table-only                                       # Markdown from the JSONL
 Outputs: experiments/table2.jsonl, experiments/table2.md, docs/table2.png (reconstructions and samples),
 RUNS_DIR/t2_* (the tokenizers' and the rows' runs).
@@ -217,7 +217,8 @@ def write_table(args):
 
 
 def figure(args, ev, vaes, samples):
-    """docs/table2.png: 8 test images, their reconstructions by each tokenizer, then each row's samples."""
+    """docs/table2.png: 8 test images, their reconstructions by each tokenizer, then each row's samples
+    (--tokenizers_only: the reconstructions by the --tokenizers, in TOKENIZERS' order)."""
     x = lab.uint8_images(ev.test_set, lab.balanced_subset(ev.test_set.labels, 8, args.seed))
     rows = [x] + [reconstruct(vae, x)[0] for vae in vaes] + [s[:8] for s in samples]
     save_grid(np.concatenate(rows), os.path.join(args.docs, "table2.png"), nrow=8)
@@ -277,6 +278,8 @@ def main(argv=None, inception=None):
         time.sleep(30)
         tokenizers(args, ev, names)                         # (one whose process died is taken over)
     if args.tokenizers_only:
+        if args.docs:
+            figure(args, ev, [tk.load_vae(trained[n][0]) for n in names], [])
         write_table(args)
         print(open(args.table).read())
         return

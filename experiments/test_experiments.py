@@ -797,6 +797,9 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     assert f"| kl_f4 | 2, fp32, 2, 0 min | {tokens['kl_f4']['mse']:.4f} |" in md.read_text()
     with pytest.raises(ValueError, match="must be more"):
         table2.get_args(argv + ["--tokenizers", "kl_f4_gan,vq_f4_gan", "--tokenizer_epochs", "1"])
+    (tmp_path / "table2.png").unlink()
+    table2.main(argv + ["--tokenizers_only"], inception=features)      # reconstructions only, nothing measured again
+    assert (tmp_path / "table2.png").exists()
     table2.main(argv, inception=features)
     assert len(lab.read_records(str(out))) == len(records)
 
