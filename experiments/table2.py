@@ -9,7 +9,7 @@ the AR / MAR ordering on KL latents against the one on pixels.
 Run (from the repository root; everything finished is kept in the JSONL and skipped; two shells with
 OMP_NUM_THREADS=1 share the runs and points through lock files, as table1.py):
   python experiments/table2.py --runs_dir runs --table1_args "--precision bf16"   # tokenizers, then rows
-  python experiments/table2.py --runs_dir runs --tokenizers_only                  # the tokenizers, a figure of reconstructions
+  python experiments/table2.py --runs_dir runs --tokenizers_only                  # the tokenizers and their figure
   python experiments/table2.py --table-only                                       # Markdown from the JSONL
 Outputs: experiments/table2.jsonl, experiments/table2.md, docs/table2.png (reconstructions and samples),
 RUNS_DIR/t2_* (the tokenizers' and the rows' runs).
