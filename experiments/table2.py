@@ -119,6 +119,25 @@ def measure_tokenizer(args, ev, name, tokenizer, train_info):
             write_table(args)
 
 
+def measure_codes(args, ev, name, vae, weights_sha, batch=500):
+    """The "codes" record of a VQ autoencoder: how much of its codebook the 10,000 test images use (the
+    fraction of codes picked at least once, and the perplexity exp(H) of the picks, at most K): a collapsed
+    codebook would show here."""
+    with lab.claim(args, kind="codes", tokenizer=name, weights_sha=weights_sha) as mine:
+        if mine:
+            counts = torch.zeros(vae.quantize.embedding.num_embeddings)
+            for start in range(0, len(ev.test_set), batch):
+                x = torch.from_numpy(lab.uint8_images(ev.test_set, torch.arange(start, min(start + batch,
+                                     len(ev.test_set))))).permute(0, 3, 1, 2).float() / 127.5 - 1
+                with torch.no_grad():
+                    counts += torch.bincount(vae.quantize(vae.encode(x))[2].flatten(), minlength=len(counts))
+            p = counts / counts.sum()
+            lab.append_record(args.out, dict(kind="codes", tokenizer=name, weights_sha=weights_sha, n=len(ev.test_set),
+                                             codes=len(counts), used=(counts > 0).float().mean().item(),
+                                             perplexity=torch.exp(-(p * p.clamp(min=1e-12).log()).sum()).item()),
+                              who="table2")
+
+
 def tokenizers(args, ev, names):
     """Train these candidates, measure each (and the pixel / k-means VQ-1024 baselines) -> {name: (checkpoint,
     digest of its EMA weights)}: a tokenizer trained further is another tokenizer, with its own records."""
@@ -131,6 +150,8 @@ def tokenizers(args, ev, names):
                     scale=ckpt["scale"], precision=args.precision,
                     train_time_s=lab.training_time(os.path.dirname(paths[name])))
         measure_tokenizer(args, ev, name, vae, info)
+        if hasattr(vae, "quantize"):
+            measure_codes(args, ev, name, vae, info["weights_sha"])
         trained[name] = (paths[name], info["weights_sha"])
     measure_tokenizer(args, ev, "pixel", tk.PixelTokenizer(28, 1, 4), {})
     measure_tokenizer(args, ev, f"vq{args.vq}", table1.vq_tokenizer(args, ev.train_set), {})
@@ -184,16 +205,20 @@ def write_table(args):
     records = lab.read_records(args.out)
     tokens = {(r["tokenizer"], r.get("precision")): r for r in lab.find(records, kind="tokens")}  # latest of each
     lines = ["Tokenizers: reconstructions of the test images (MSE in [-1, 1], PSNR on [0, 1]) and their rFID "
-             "(N of them vs the test set's statistics).", "",
-             "| tokenizer | trained (epochs, precision, steps, time) | MSE | PSNR (dB) | rFID (N) | latent scale |",
-             "|---|---|---|---|---|---|"]
+             "(N of them vs the test set's statistics); a VQ autoencoder's codebook use on the test images (the fraction of "
+             "codes picked, the perplexity of the picks).", "",
+             "| tokenizer | trained (epochs, precision, steps, time) | MSE | PSNR (dB) | rFID (N) | latent scale | "
+             "codes used (perplexity) |", "|---|---|---|---|---|---|---|"]
+    codes = {(r["tokenizer"], r["weights_sha"]): r for r in lab.find(records, kind="codes")}
     for (name, precision), r in tokens.items():
+        c = codes.get((name, r.get("weights_sha")))
+        used = f"{c['used']:.1%} of {c['codes']} ({c['perplexity']:.0f})" if c else "-"
         psnr = "exact" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
         epochs = "-" if r.get("epochs") is None else f"{r['epochs']:g}"
         train = f"{epochs}, {precision}, {r['train_steps']}, {r['train_time_s'] / 60:.0f} min" \
             if "train_steps" in r else "-"
         lines.append(f"| {name} | {train} | {r['mse']:.4f} | {psnr} | {r['rfid']:.2f} ({r['n']}) | "
-                     f"{lab.fmt(r.get('scale'), 4)} |")
+                     f"{lab.fmt(r.get('scale'), 4)} | {used} |")
     t1, t1_records = table1.get_args(["--out", args.table1]), lab.read_records(args.table1)   # Table 1's fp32
     lines += ["", f"Rows: Table 1's protocol (FID of N = {args.num_fid} samples vs the 10,000 test images; CFG "
               f"scale chosen by FID of {args.num_sweep} samples vs training images; tuned: the temperature too); "

@@ -786,6 +786,9 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     tokens = {r["tokenizer"]: r for r in records if r["kind"] == "tokens"}
     assert set(tokens) == {"kl_f4", "vq_f4", "pixel", "vq8"} and tokens["pixel"]["rfid"] == 0.0
     assert tokens["kl_f4"]["train_steps"] == 2 and tokens["kl_f4"]["scale"] > 0 and tokens["kl_f4"]["mse"] > 0
+    (codes,) = [r for r in records if r["kind"] == "codes"]                  # the VQ one's codebook use
+    assert (codes["tokenizer"], codes["weights_sha"], codes["codes"]) == ("vq_f4", tokens["vq_f4"]["weights_sha"], 1024)
+    assert 0 < codes["used"] <= 1 and 1 - 1e-6 <= codes["perplexity"] <= codes["used"] * 1024 + 1e-3
     rows = [r for r in records if r.get("row") == "mar16_ce_vq"]
     assert sorted((r["kind"], r["cfg"]) for r in rows) == [("final", 1.0), ("final", 2.0), ("sweep", 2.0)]
     assert {(r["tokenizer"], r["tokenizer_sha"]) for r in rows} == {("vq_f4", tokens["vq_f4"]["weights_sha"])}
@@ -795,6 +798,7 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     assert ckpt["args"]["mask_ratio_law"] == "uniform" and ckpt["args"]["dropout"] == 0       # the recipe
     assert (tmp_path / "table2.png").exists() and "| MAR (recipe) | VQ, codes (vq_f4) | CrossEnt |" in md.read_text()
     assert f"| kl_f4 | 2, fp32, 2, 0 min | {tokens['kl_f4']['mse']:.4f} |" in md.read_text()
+    assert f"| {codes['used']:.1%} of 1024 ({codes['perplexity']:.0f}) |" in md.read_text()
     with pytest.raises(ValueError, match="must be more"):
         table2.get_args(argv + ["--tokenizers", "kl_f4_gan,vq_f4_gan", "--tokenizer_epochs", "1"])
     (tmp_path / "table2.png").unlink()
