@@ -19,8 +19,8 @@ Protocol (every choice):
     --tokenizer_epochs (--tokenizer_batch 64, lr 1e-3 constant after 0.2 epochs of warmup, AdamW, EMA, seed 0, no
     flips), L1 + 1e-6 KL (kl_*) or L1 + codebook + 0.25 commitment with 1,024 codes (vq_*), no perceptual
     term; the *_gan candidates add LDM's adversarial term from the second epoch (--disc_weight 0.5
-    --disc_start 1). kl_f4: 28x28 -> 7x7 x 16 (patch 1); kl_f2: 14x14 x 4 (patch 2); both give Table 1's
-    49 tokens of 16. The latent scale is the one train.py measures at the end (1 / std).
+    --disc_start 1; *_gan0.1: --disc_weight 0.1). kl_f4: 28x28 -> 7x7 x 16 (patch 1); kl_f2: 14x14 x 4
+    (patch 2); both give Table 1's 49 tokens of 16. The latent scale is the one train.py measures at the end (1 / std).
   * Tokenizer quality: MSE ([-1, 1]) and PSNR ([0, 1]) of the reconstructions of the 10,000 test images
     (KL through the posterior mean, VQ through its codes) and their rFID against the test set's statistics
     (--num_rfid of them, class-balanced). Pixel tokens are exact (rFID 0); Table 1's k-means VQ-1024 is
@@ -52,10 +52,17 @@ import tokenizer as tk  # noqa: E402
 from sample import save_grid, to_uint8  # noqa: E402
 
 # candidate -> (train.py --model, patch size giving 49 tokens of 16, train.py flags); "_gan": with LDM's
-# adversarial term from the second epoch on (its weight 0.5, LDM's kl-f8 setting)
-GAN = ("--disc_weight", "0.5", "--disc_start", "1")
-TOKENIZERS = {"kl_f4": ("kl_f4", 1, ()), "kl_f2": ("kl_f2", 2, ()), "kl_f4_gan": ("kl_f4", 1, GAN),
-              "vq_f4": ("vq_f4", 1, ()), "vq_f2": ("vq_f2", 2, ()), "vq_f4_gan": ("vq_f4", 1, GAN)}
+# adversarial term from the second epoch on, at LDM's kl-f8 weight 0.5 or ("_gan0.1") a fifth of it
+GAN_START = 1
+
+
+def gan(weight):
+    return "--disc_weight", str(weight), "--disc_start", str(GAN_START)
+
+
+TOKENIZERS = {"kl_f4": ("kl_f4", 1, ()), "kl_f2": ("kl_f2", 2, ()), "kl_f4_gan": ("kl_f4", 1, gan(0.5)),
+              "kl_f4_gan0.1": ("kl_f4", 1, gan(0.1)), "vq_f4": ("vq_f4", 1, ()), "vq_f2": ("vq_f2", 2, ()),
+              "vq_f4_gan": ("vq_f4", 1, gan(0.5)), "vq_f4_gan0.1": ("vq_f4", 1, gan(0.1))}
 RECIPE = table1.RUNS["mar_diffusion_recipe"][3]                 # the small-data recipe's train.py flags
 # id -> (model, order, head, tokens ("kl": the chosen KL, "vq": its twin), num_iter, labels, paper's Table 2
 # FID w/o, w/ CFG (ImageNet 256, MAR-L: KL-16 and VQ-16; "-": not in the paper))
@@ -205,8 +212,8 @@ def write_table(args):
     records = lab.read_records(args.out)
     tokens = {(r["tokenizer"], r.get("precision")): r for r in lab.find(records, kind="tokens")}  # latest of each
     lines = ["Tokenizers: reconstructions of the test images (MSE in [-1, 1], PSNR on [0, 1]) and their rFID "
-             "(N of them vs the test set's statistics); a VQ autoencoder's codebook use on the test images (the fraction of "
-             "codes picked, the perplexity of the picks).", "",
+             "(N of them vs the test set's statistics); a VQ autoencoder's codebook use on the test images (the "
+             "fraction of codes picked, the perplexity of the picks).", "",
              "| tokenizer | trained (epochs, precision, steps, time) | MSE | PSNR (dB) | rFID (N) | latent scale | "
              "codes used (perplexity) |", "|---|---|---|---|---|---|---|"]
     codes = {(r["tokenizer"], r["weights_sha"]): r for r in lab.find(records, kind="codes")}
@@ -277,8 +284,8 @@ def get_args(argv=None):
                          f"{', '.join(TOKENIZERS)}")
     if not args.tokenizers_only and args.rows and not any(t.startswith("kl_") for t in args.tokenizers):
         raise ValueError("the rows model the chosen KL tokenizer's latents (or its twin's): add a kl_* to --tokenizers")
-    if args.tokenizer_epochs <= float(GAN[3]) and any(t.endswith("_gan") for t in args.tokenizers):
-        raise ValueError(f"the *_gan candidates start their adversarial term at epoch {GAN[3]}: --tokenizer_epochs "
+    if args.tokenizer_epochs <= GAN_START and any("_gan" in t for t in args.tokenizers):
+        raise ValueError(f"the *_gan candidates start their adversarial term at epoch {GAN_START}: --tokenizer_epochs "
                          f"must be more (got {args.tokenizer_epochs:g})")
     # Table 1's protocol (its settings, defaults and --table1_args), with this table's files
     t1 = table1.get_args(shlex.split(args.table1_args) + ["--runs_dir", args.runs_dir])
