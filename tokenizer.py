@@ -406,12 +406,16 @@ class VectorQuantizer(nn.Module):
         self.idle.masked_fill_(dead, 0)
 
     def usage(self):
-        """Codebook use since the last call: (fraction of codes picked, perplexity exp(H) of the picks,
-        at most K). Resets the counts."""
-        p = self.picked / self.picked.sum().clamp(min=1)
-        used, perplexity = (p > 0).float().mean().item(), torch.exp(-(p * p.clamp(min=1e-12).log()).sum()).item()
+        """Codebook use since the last call (code_usage of the picks). Resets the counts."""
+        used_perplexity = code_usage(self.picked)
         self.picked.zero_()
-        return used, perplexity
+        return used_perplexity
+
+
+def code_usage(counts):
+    """Per-code pick counts (K,) -> (fraction of codes picked, perplexity exp(H) of the picks, at most K)."""
+    p = counts.float() / counts.sum().clamp(min=1)
+    return (p > 0).float().mean().item(), torch.exp(-(p * p.clamp(min=1e-12).log()).sum()).item()
 
 
 class AutoencoderVQ(AutoencoderKL):

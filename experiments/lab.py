@@ -436,10 +436,15 @@ class Evaluator:
 
 
 
+def unit_images(images):
+    """uint8 (n, H, W, C) -> float (n, C, H, W) in [-1, 1], as the models take them."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def token_quality(tokenizer, images):
     """MSE (in [-1, 1] units) and PSNR (dB, images in [0, 1]; None for an exact round trip) of
     encode -> decode, and the decoded uint8 images."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = unit_images(images)
     rec = tokenizer.decode(tokenizer.encode(x))
     mse = ((rec - x) ** 2).mean().item()
     psnr = 10 * math.log10(4 / mse) if mse > 0 else None

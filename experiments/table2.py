@@ -101,7 +101,7 @@ def reconstruct(tokenizer, images, batch=500):
     tokenizer: a tk autoencoder (its reconstruct()) or a pixel / k-means VQ tokenizer (encode -> decode)."""
     out, se = [], 0.0
     for start in range(0, len(images), batch):
-        x = torch.from_numpy(images[start:start + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = lab.unit_images(images[start:start + batch])
         with torch.no_grad():
             rec = tokenizer.reconstruct(x) if hasattr(tokenizer, "reconstruct") else \
                 tokenizer.decode(tokenizer.encode(x))
@@ -134,15 +134,13 @@ def measure_codes(args, ev, name, vae, weights_sha, batch=500):
         if mine:
             counts = torch.zeros(vae.quantize.embedding.num_embeddings)
             for start in range(0, len(ev.test_set), batch):
-                x = torch.from_numpy(lab.uint8_images(ev.test_set, torch.arange(start, min(start + batch,
-                                     len(ev.test_set))))).permute(0, 3, 1, 2).float() / 127.5 - 1
+                x = lab.unit_images(lab.uint8_images(ev.test_set, torch.arange(start, min(start + batch,
+                                                                                          len(ev.test_set)))))
                 with torch.no_grad():
                     counts += torch.bincount(vae.quantize(vae.encode(x))[2].flatten(), minlength=len(counts))
-            p = counts / counts.sum()
+            used, perplexity = tk.code_usage(counts)
             lab.append_record(args.out, dict(kind="codes", tokenizer=name, weights_sha=weights_sha, n=len(ev.test_set),
-                                             codes=len(counts), used=(counts > 0).float().mean().item(),
-                                             perplexity=torch.exp(-(p * p.clamp(min=1e-12).log()).sum()).item()),
-                              who="table2")
+                                             codes=len(counts), used=used, perplexity=perplexity), who="table2")
 
 
 def tokenizers(args, ev, names):
