@@ -132,10 +132,10 @@ def measure_codes(args, ev, name, vae, weights_sha, batch=500):
     codebook would show here."""
     with lab.claim(args, kind="codes", tokenizer=name, weights_sha=weights_sha) as mine:
         if mine:
+            images = lab.uint8_images(ev.test_set, torch.arange(len(ev.test_set)))
             counts = torch.zeros(vae.quantize.embedding.num_embeddings)
-            for start in range(0, len(ev.test_set), batch):
-                x = lab.unit_images(lab.uint8_images(ev.test_set, torch.arange(start, min(start + batch,
-                                                                                          len(ev.test_set)))))
+            for start in range(0, len(images), batch):
+                x = lab.unit_images(images[start:start + batch])
                 with torch.no_grad():
                     counts += torch.bincount(vae.quantize(vae.encode(x))[2].flatten(), minlength=len(counts))
             used, perplexity = tk.code_usage(counts)
