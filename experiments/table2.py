@@ -25,13 +25,16 @@ Protocol (every choice):
     (KL through the posterior mean, VQ through its codes) and their rFID against the test set's statistics
     (--num_rfid of them, class-balanced). Pixel tokens are exact (rFID 0); Table 1's k-means VQ-1024 is
     measured the same way.
-  * The rows' KL tokenizer is the KL candidate with the lowest rFID; the VQ rows use its twin (trained, the
-    same way, once the choice is made: --tokenizers names the candidates, the KL ones by default).
+  * The rows' KL tokenizer is the KL candidate with the lowest rFID (--tokenizers names the candidates, the
+    KL ones by default). The VQ rows use vq_f4 (trained the same way when a VQ row first needs it): as in the
+    paper's VQ-16 rows, the Diffusion Loss on its latents and the cross-entropy on its codes then model the
+    same 7x7 grid, 49 tokens each, as every other row. An f2 twin would give 196 codes per image to the
+    cross-entropy row (one code per token) against 49 patches of 2x2 latents to the Diffusion Loss row.
   * Rows (ROWS): Table 1's protocol (table1.py's header: table1.COMMON, 2 epochs, its CFG / temperature
     sweeps against the training images, N = 5,000 vs the test set), with --vae: MAR with the small-data
     recipe's flags and AR raster with the Diffusion Loss on the KL latents; MAR (recipe) with the Diffusion
-    Loss on the VQ twin's latents before quantisation, and with cross-entropy on its codes (one code per
-    token: patch 1, so 49 tokens on an f4 twin but 196 on an f2 one). Each row's run directory and records
+    Loss on vq_f4's latents before quantisation (7x7 x 16, patch 1), and with cross-entropy on its codes (one
+    code per token). Each row's run directory and records
     name its tokenizer's weights. Beside them, Table 1's pixel rows (experiments/table1.jsonl).
 """
 import argparse
@@ -64,7 +67,8 @@ TOKENIZERS = {"kl_f4": ("kl_f4", 1, ()), "kl_f2": ("kl_f2", 2, ()), "kl_f4_gan":
               "kl_f4_gan0.1": ("kl_f4", 1, gan(0.1)), "vq_f4": ("vq_f4", 1, ()), "vq_f2": ("vq_f2", 2, ()),
               "vq_f4_gan": ("vq_f4", 1, gan(0.5)), "vq_f4_gan0.1": ("vq_f4", 1, gan(0.1))}
 RECIPE = table1.RUNS["mar_diffusion_recipe"][3]                 # the small-data recipe's train.py flags
-# id -> (model, order, head, tokens ("kl": the chosen KL, "vq": its twin), num_iter, labels, paper's Table 2
+VQ_ROWS_TOKENIZER = "vq_f4"                                      # (the protocol above says why f4)
+# id -> (model, order, head, tokens ("kl": the chosen KL, "vq": VQ_ROWS_TOKENIZER), num_iter, labels, paper's Table 2
 # FID w/o, w/ CFG (ImageNet 256, MAR-L: KL-16 and VQ-16; "-": not in the paper))
 ROWS = {
     "mar16_diffusion_kl": ("mar_tiny", None, "diffusion", "kl", 16, ("MAR (recipe)", "KL", "Diff Loss"),
@@ -189,8 +193,8 @@ def row_spec(args, row, kl, trained):
 
 
 def tokens_of(row, kl):
-    """The autoencoder whose tokens a row models: the chosen KL one, or its VQ twin."""
-    return kl if ROWS[row][3] == "kl" else "vq" + kl[2:]
+    """The autoencoder whose tokens a row models: the chosen KL one, or VQ_ROWS_TOKENIZER."""
+    return kl if ROWS[row][3] == "kl" else VQ_ROWS_TOKENIZER
 
 
 def evaluate_row(args, ev, row, name, sha, ckpt_path):
@@ -260,7 +264,7 @@ def get_args(argv=None):
     a = p.add_argument
     a("--rows", default=",".join(ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
     a("--tokenizers", default=",".join(n for n in TOKENIZERS if n.startswith("kl_")),
-      help=f"candidates to train and measure, from: {', '.join(TOKENIZERS)} (the VQ rows add the chosen KL's twin)")
+      help=f"candidates to train and measure, from: {', '.join(TOKENIZERS)} (the VQ rows add {VQ_ROWS_TOKENIZER})")
     a("--tokenizers_only", action="store_true", help="only train and measure the tokenizers")
     a("--tokenizer_epochs", type=float, default=2, help="the autoencoders' training length")
     a("--tokenizer_batch", type=int, default=64, help="the autoencoders' batch (and lr = 4e-3 * batch / 256)")
@@ -281,7 +285,8 @@ def get_args(argv=None):
         raise ValueError(f"unknown --rows / --tokenizers {bad}; rows: {', '.join(ROWS)}; tokenizers: "
                          f"{', '.join(TOKENIZERS)}")
     if not args.tokenizers_only and args.rows and not any(t.startswith("kl_") for t in args.tokenizers):
-        raise ValueError("the rows model the chosen KL tokenizer's latents (or its twin's): add a kl_* to --tokenizers")
+        raise ValueError(f"the rows model the chosen KL tokenizer's latents (or {VQ_ROWS_TOKENIZER}'s): add a kl_* to "
+                         f"--tokenizers")
     if args.tokenizer_epochs <= GAN_START and any("_gan" in t for t in args.tokenizers):
         raise ValueError(f"the *_gan candidates start their adversarial term at epoch {GAN_START}: --tokenizer_epochs "
                          f"must be more (got {args.tokenizer_epochs:g})")
@@ -313,8 +318,8 @@ def main(argv=None, inception=None):
         write_table(args)
         print(open(args.table).read())
         return
-    if any(tokens_of(row, kl) != kl for row in args.rows):  # the VQ rows: the chosen KL's twin, trained the same
-        trained.update(tokenizers(args, ev, ["vq" + kl[2:]]))
+    if any(tokens_of(row, kl) != kl for row in args.rows):  # the VQ rows' tokenizer, trained the same way
+        trained.update(tokenizers(args, ev, [VQ_ROWS_TOKENIZER]))
     ckpts = lab.train_all({row: row_spec(args, row, kl, trained) for row in args.rows}, len(ev.train_set))
     samples = []
     for row in args.rows:
@@ -323,7 +328,7 @@ def main(argv=None, inception=None):
         if args.docs:
             samples.append(ev.sample(model, tokenizer, 8, ROWS[row][4], 1.0)[0])
     if args.docs:
-        figure(args, ev, [tk.load_vae(trained[n][0]) for n in (kl, "vq" + kl[2:]) if n in trained], samples)
+        figure(args, ev, [tk.load_vae(trained[n][0]) for n in (kl, VQ_ROWS_TOKENIZER) if n in trained], samples)
     write_table(args)
     print(open(args.table).read())
 

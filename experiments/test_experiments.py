@@ -764,28 +764,29 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
 # Table 2: tokenizers trained here (experiments/table2.py)
 
 def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
-    """experiments/table2.py on the 100-image stand-in: the KL candidate trained 2 steps, chosen (the only one),
-    its VQ twin trained because a VQ row needs it; their quality measured beside pixel and k-means tokens; MAR
-    with cross-entropy on the twin's codes trained on them and measured with Table 1's protocol; the figure;
-    a second call finds everything done."""
+    """experiments/table2.py on the 100-image stand-in: the KL candidate (kl_f2) trained 2 steps, chosen (the
+    only one), and vq_f4 trained because a VQ row needs it (whatever the chosen KL: its codes give the 49 tokens
+    of the other rows); their quality measured beside pixel and k-means tokens; MAR with cross-entropy on
+    vq_f4's codes trained on them and measured with Table 1's protocol; the figure; a second call finds
+    everything done."""
     out, md = tmp_path / "t2.jsonl", tmp_path / "t2.md"
     t1 = ["--data_path", str(fashion_stand_in), "--num_fid", "4", "--num_sweep", "4", "--cfg_grid", "2",
           "--temperature_grid", "", "--batch", "4", "--num_sampling_steps", "2", "--vq", "8", "--max_steps", "2",
           "--inception", str(tmp_path / "none.pth"), "--precision", "fp32"]
     argv = ["--runs_dir", str(tmp_path / "runs"), "--out", str(out), "--table", str(md), "--table1",
-            str(tmp_path / "t1.jsonl"), "--docs", str(tmp_path), "--tokenizers", "kl_f4", "--rows",
+            str(tmp_path / "t1.jsonl"), "--docs", str(tmp_path), "--tokenizers", "kl_f2", "--rows",
             "mar16_ce_vq", "--num_rfid", "4", "--tokenizer_batch", "8", "--table1_args", shlex.join(t1)]
     with pytest.raises(ValueError, match="add a kl_"):
-        table2.get_args([a if a != "kl_f4" else "vq_f4" for a in argv])
-    assert table2.get_args([a if a != "kl_f4" else "vq_f4" for a in argv] + ["--tokenizers_only"]).tokenizers_only
+        table2.get_args([a if a != "kl_f2" else "vq_f4" for a in argv])
+    assert table2.get_args([a if a != "kl_f2" else "vq_f4" for a in argv] + ["--tokenizers_only"]).tokenizers_only
     run, gan = table2.tokenizer_spec(table2.get_args(argv), "kl_f4_gan")                 # a candidate's flags
     assert run.endswith("t2_kl_f4_gan_fp32") and " ".join(gan).count("--model kl_f4 ") == 1 and \
         "--disc_weight 0.5 --disc_start 1" in " ".join(gan)
     table2.main(argv, inception=features)
     records = lab.read_records(str(out))
     tokens = {r["tokenizer"]: r for r in records if r["kind"] == "tokens"}
-    assert set(tokens) == {"kl_f4", "vq_f4", "pixel", "vq8"} and tokens["pixel"]["rfid"] == 0.0
-    assert tokens["kl_f4"]["train_steps"] == 2 and tokens["kl_f4"]["scale"] > 0 and tokens["kl_f4"]["mse"] > 0
+    assert set(tokens) == {"kl_f2", "vq_f4", "pixel", "vq8"} and tokens["pixel"]["rfid"] == 0.0
+    assert tokens["kl_f2"]["train_steps"] == 2 and tokens["kl_f2"]["scale"] > 0 and tokens["kl_f2"]["mse"] > 0
     (codes,) = [r for r in records if r["kind"] == "codes"]                  # the VQ one's codebook use
     assert (codes["tokenizer"], codes["weights_sha"], codes["codes"]) == ("vq_f4", tokens["vq_f4"]["weights_sha"], 1024)
     assert 0 < codes["used"] <= 1 and 1 - 1e-6 <= codes["perplexity"] <= codes["used"] * 1024 + 1e-3
@@ -797,7 +798,7 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     assert (ckpt["tokenizer"]["kind"], ckpt["tokenizer"]["discrete"], ckpt["config"]["seq_len"]) == ("vqae", True, 49)
     assert ckpt["args"]["mask_ratio_law"] == "uniform" and ckpt["args"]["dropout"] == 0       # the recipe
     assert (tmp_path / "table2.png").exists() and "| MAR (recipe) | VQ, codes (vq_f4) | CrossEnt |" in md.read_text()
-    assert f"| kl_f4 | 2, fp32, 2, 0 min | {tokens['kl_f4']['mse']:.4f} |" in md.read_text()
+    assert f"| kl_f2 | 2, fp32, 2, 0 min | {tokens['kl_f2']['mse']:.4f} |" in md.read_text()
     assert f"| {codes['used']:.1%} of 1024 ({codes['perplexity']:.0f}) |" in md.read_text()
     with pytest.raises(ValueError, match="must be more"):
         table2.get_args(argv + ["--tokenizers", "kl_f4_gan,vq_f4_gan", "--tokenizer_epochs", "1"])
