@@ -1268,7 +1268,12 @@ def test_image_folder_and_errors(tmp_path):
     x, y = ds[4]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
     assert -1 <= x.min() and x.max() <= 1
-    assert [p for p, _ in ds.samples] == paths
+    assert [p for p, _ in ds.samples] == paths and ds.smallest == 36           # the shortest side of any image
+    args = train.get_args(["--data", "folder", "--data_path", str(tmp_path / "data")])
+    with pytest.raises(ValueError, match="images as small as 36 pixels a side, under the default --image_size 256"):
+        train.load_data(args)                                    # the default would upsample them: say so
+    assert train.load_data(train.get_args(["--data", "folder", "--data_path", str(tmp_path / "data"),
+                                           "--image_size", "256"])).image_size == 256      # asked for: upsampled
     with pytest.raises(FileNotFoundError, match="missing_dir"):
         T.ImageFolder(str(tmp_path / "missing_dir"), 32)
     (tmp_path / "data" / ".ipynb_checkpoints").mkdir()          # hidden: not a class, labels unchanged
@@ -2300,6 +2305,26 @@ def test_train_a_tokenizer_then_mar_on_its_latents(tmp_path):
                     "--output_dir", str(tmp_path / "bad_rgb")])
     with pytest.raises(ValueError, match=r"holds an autoencoder \(kl_f4\), a tokenizer: pass it as --vae"):
         sample.main(["--ckpt", str(kl / "checkpoint-last.pth"), "--out", str(tmp_path / "x.png")])
+    # The run's tokens are those of one autoencoder: another file of the same shapes would decode them wrong.
+    other = dict(ckpt, model_ema={k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model_ema"].items()})
+    torch.save(other, tmp_path / "other_kl.pth")                      # e.g. the same run trained further
+    m_ckpt = str(tmp_path / "m" / "checkpoint-last.pth")
+    for vae_file, message in ((tmp_path / "other_kl.pth", r"holds other weights \(digest [0-9a-f]{12}\) than"),
+                              (vq / "checkpoint-last.pth", "is a VQ autoencoder; these tokens are a KL one's"),
+                              (m_ckpt, "is a train.py checkpoint of a 'mar_tiny' model, not of an autoencoder")):
+        with pytest.raises(ValueError, match=message):
+            sample.main(["--ckpt", m_ckpt, "--vae", str(vae_file), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match="other autoencoder weights: pass the --vae the run started with"):
+        train.main(mar_flags + ["--vae", str(tmp_path / "other_kl.pth"), "--output_dir", str(tmp_path / "m"),
+                                "--resume", m_ckpt, "--max_steps", "2"])
+    old = T.torch_load(m_ckpt)
+    del old["tokenizer"]["vae_sha"]                                   # a run from before the digest resumes
+    torch.save(old, tmp_path / "old.pth")
+    train.main(mar_flags + ["--vae", str(kl / "checkpoint-last.pth"), "--output_dir", str(tmp_path / "m_old"),
+                            "--resume", str(tmp_path / "old.pth"), "--max_steps", "2"])
+    with pytest.raises(ValueError, match=r"was trained on 8x8 images; the builtin images are 16x16: pass --image_size 8"):
+        train.main([f for f in mar_flags if f not in ("--image_size", "8")] + ["--vae", str(kl / "checkpoint-last.pth"),
+                                                                            "--output_dir", str(tmp_path / "bad16")])
     T.cache_latents(torch.utils.data.Subset(data, range(8)), vae, str(tmp_path / "cache"))   # the KL one's
     latents = ["--data", "latents", "--data_path", str(tmp_path / "cache"), "--vae", str(kl / "checkpoint-last.pth"),
                "--batch_size", "4", "--max_steps", "1", "--sample_every", "0", "--precision", "fp32"]
@@ -2313,8 +2338,14 @@ def test_train_a_tokenizer_then_mar_on_its_latents(tmp_path):
     codes = T.VQAETokenizer(T.load_vae(str(vq / "checkpoint-last.pth")), 8, discrete=True)
     assert torch.equal(codes.encode(x), codes.codebook[codes.indices(x)]) and codes.num_codes == 16
 
-    with pytest.raises(ValueError, match="trains an autoencoder: drop --head"):
-        train.get_args(["--model", "kl_f4", "--head", "l2"])
+    for head in ("l2", "ce"):                                  # (ce: not "add --vq", which it would then refuse)
+        with pytest.raises(ValueError, match="trains an autoencoder: drop --head"):
+            train.get_args(["--model", "kl_f4", "--head", head])
+    with pytest.raises(ValueError, match="trains an autoencoder on images: --data latents"):
+        train.get_args(["--model", "kl_f4", "--data", "latents", "--data_path", str(tmp_path / "cache")])
+    with pytest.raises(ValueError, match=r"--disc_start 0.9999 is step 1250 of 1250"):     # rounds to the end
+        train.main(ae + ["--model", "kl_f4", "--disc_weight", "0.5", "--disc_start", "0.9999", "--output_dir",
+                         str(tmp_path / "bad_disc")])
     with pytest.raises(ValueError, match="--kl_weight, --disc_weight and --disc_start are for the autoencoders"):
         train.get_args(["--disc_weight", "0.5"])
     with pytest.raises(ValueError, match="must be finite numbers >= 0"):

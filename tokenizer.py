@@ -321,6 +321,7 @@ class AutoencoderKL(nn.Module):
     # 1 / std of the latents (KLTokenizer multiplies by it): KL-16's value for the released weights;
     # load_vae reads a trained autoencoder's own from its checkpoint (latent_scale computes it).
     scale = KL16_SCALE
+    trained_image_size = None   # the image size it was trained on, where known (load_vae: one trained here)
 
     def encode(self, images):
         """images (B, 3, H, W) in [-1, 1] -> posterior over latents (B, embed_dim, H/f, W/f)."""
@@ -571,7 +572,12 @@ def load_vae(path, name="kl16", **overrides):
                              "finish it with train.py --resume, then pass it")
         load_state_dict_strict(vae, ckpt["model_ema"], f"{ckpt['config']['model']} (EMA weights)")
         vae.scale = ckpt["scale"]
+        vae.trained_image_size = (ckpt.get("tokenizer") or {}).get("image_size")   # what it was trained on
         return vae.eval()
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and "model_ema" in ckpt:
+        raise ValueError(f"{path!r} is a train.py checkpoint of a {ckpt['config'].get('model')!r} model, not of an "
+                         "autoencoder: pass the autoencoder's file (kl16.ckpt, or a train.py --model kl_f4 / kl_f2 / "
+                         "vq_f4 / vq_f2 run's checkpoint)")
     if name not in VAE_CONFIGS:
         raise ValueError(f"unknown VAE config {name!r}; choose from {sorted(VAE_CONFIGS)}")
     vae = AutoencoderKL(**{**VAE_CONFIGS[name], **overrides})
@@ -710,7 +716,9 @@ class KLTokenizer:
     """Tokens from a KL autoencoder, as the released MAR code makes them: a *sample* of the posterior
     times `scale`, grouped into p x p patches (p=1 for KL-16 -> 256 tokens of 16 dims at 256x256; p=2
     for KL-8). Decoding divides by `scale` first. `scale` defaults to the autoencoder's own (`vae.scale`:
-    KL-16's 0.2325 for the released weights, the measured one for an autoencoder trained here)."""
+    KL-16's 0.2325 for the released weights, the measured one for an autoencoder trained here). The
+    config names the weights (`vae_sha`): a MAR run's tokens are those of one autoencoder, and another
+    file with the same shapes (retrained, or trained further) would decode them silently wrong."""
 
     def __init__(self, vae, image_size, patch_size=1, scale=None):
         f = vae.downsample_factor
@@ -723,6 +731,7 @@ class KLTokenizer:
         self.seq_len = (self.latent_size // patch_size) ** 2
         self.token_dim = vae.embed_dim * patch_size ** 2
         self.token_bound = None  # latents have no fixed range (the released sampler never clips)
+        self._vae_sha = None
 
     @torch.no_grad()
     def encode(self, images, generator=None):
@@ -741,9 +750,16 @@ class KLTokenizer:
         latents = unpatchify(tokens / self.scale, self.patch_size, self.vae.embed_dim, s, s)  # (B, E, h, w)
         return self.vae.decode(latents).clamp(-1.0, 1.0)
 
+    @property
+    def vae_sha(self):
+        """weights_digest of the (frozen) autoencoder, taken once, when first needed."""
+        if self._vae_sha is None:
+            self._vae_sha = weights_digest(self.vae)
+        return self._vae_sha
+
     def config(self):
         return dict(kind="kl", vae=dict(self.vae.config), image_size=self.image_size,
-                    patch_size=self.patch_size, scale=self.scale)
+                    patch_size=self.patch_size, scale=self.scale, vae_sha=self.vae_sha)
 
     def to(self, device):
         self.vae.to(device)
@@ -796,7 +812,8 @@ class VQAETokenizer(KLTokenizer):
 
 def build_tokenizer(cfg, vae_path=None):
     """Rebuild a tokenizer from its `.config()` dict (stored in train.py checkpoints). A KL tokenizer's
-    weights are not in that dict: pass the VAE file (e.g. kl16.ckpt) as `vae_path`."""
+    weights are not in that dict: pass the VAE file (e.g. kl16.ckpt) as `vae_path`; it must hold the
+    autoencoder the config was made with (its kind, and its weights where the config names them)."""
     kind = cfg.get("kind")
     if kind == "pixel":
         return PixelTokenizer(cfg["image_size"], cfg["channels"], cfg["patch_size"])
@@ -807,9 +824,17 @@ def build_tokenizer(cfg, vae_path=None):
             raise ValueError("this tokenizer is an autoencoder: pass vae_path (e.g. kl16.ckpt, or the train.py "
                              "checkpoint of the autoencoder) to load its weights")
         vae = load_vae(vae_path, **cfg["vae"])
-        if kind == "kl":
-            return KLTokenizer(vae, cfg["image_size"], cfg["patch_size"], cfg["scale"])
-        return VQAETokenizer(vae, cfg["image_size"], cfg["patch_size"], cfg["scale"], cfg["discrete"])
+        if isinstance(vae, AutoencoderVQ) != (kind == "vqae"):
+            kinds = ("a VQ autoencoder", "a KL one") if kind == "kl" else ("a KL autoencoder", "a VQ one")
+            raise ValueError(f"{vae_path!r} is {kinds[0]}; these tokens are {kinds[1]}'s: pass the autoencoder "
+                             "the run was trained with")
+        tok = KLTokenizer(vae, cfg["image_size"], cfg["patch_size"], cfg["scale"]) if kind == "kl" else \
+            VQAETokenizer(vae, cfg["image_size"], cfg["patch_size"], cfg["scale"], cfg["discrete"])
+        if cfg.get("vae_sha") not in (None, tok.vae_sha):       # (None: a config from before the digest)
+            raise ValueError(f"{vae_path!r} holds other weights (digest {tok.vae_sha}) than the autoencoder these "
+                             f"tokens come from ({cfg['vae_sha']}): pass that one. Retrained or trained further, "
+                             "an autoencoder is another tokenizer: train the model on it again")
+        return tok
     raise ValueError(f"unknown tokenizer kind {kind!r} in config {cfg!r}; expected 'pixel', 'vq', 'kl' or 'vqae'")
 
 
@@ -941,7 +966,8 @@ class ImageFolder(torch.utils.data.Dataset):
     Every file is checked up front (Pillow header + integrity check, cheap: no decoding); unreadable ones
     are reported by name, listed in `.skipped` ((path, reason) pairs) and left out. A file that passes the
     check but fails to decode later (e.g. a truncated JPEG body) is reported and replaced by the next
-    readable image, so a long run is never killed by one file."""
+    readable image, so a long run is never killed by one file. `.smallest`: the shortest side of any
+    image (the header's), so a caller can tell when image_size would upsample."""
 
     def __init__(self, root, image_size):
         from PIL import Image
@@ -952,7 +978,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.classes:
             raise ValueError(f"no class subfolders in {root!r} (expected root/<class name>/<image files>)")
         self.image_size, self.channels, self.num_classes = image_size, 3, len(self.classes)
-        self.samples, self.skipped = [], []
+        self.samples, self.skipped, self.smallest = [], [], math.inf
         for label, cls in enumerate(self.classes):
             for dirpath, _, files in sorted(os.walk(os.path.join(root, cls))):
                 for name in sorted(files):
@@ -961,8 +987,10 @@ class ImageFolder(torch.utils.data.Dataset):
                     path = os.path.join(dirpath, name)
                     try:
                         with Image.open(path) as im:
+                            side = min(im.size)
                             im.verify()
                         self.samples.append((path, label))
+                        self.smallest = min(self.smallest, side)
                     except Exception as e:  # Pillow raises several types (OSError, SyntaxError, ...)
                         self.skipped.append((path, f"{type(e).__name__}: {e}"))
                         print(f"ImageFolder: skipping unreadable image {path} ({type(e).__name__}: {e})")

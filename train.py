@@ -196,7 +196,12 @@ def load_data(args):
         images, labels = make_shapes(BUILTIN_PER_CLASS, args.image_size or 16)
         return tk.ArrayDataset(images.numpy(), labels.numpy(), num_classes=len(SHAPES))
     if args.data == "folder":
-        return tk.ImageFolder(path, args.image_size or 256)
+        folder = tk.ImageFolder(path, args.image_size or 256)
+        if args.image_size is None and folder.smallest < folder.image_size:    # the default would upsample them
+            raise ValueError(f"--data_path {path!r} has images as small as {folder.smallest} pixels a side, under "
+                             f"the default --image_size {folder.image_size}: pass --image_size (e.g. "
+                             f"{folder.smallest}; --image_size {folder.image_size} upsamples them)")
+        return folder
     if args.data == "latents":
         return tk.CachedLatents(path)
     return load_array_file(path) if args.data == "array" else tk.load_fashion_mnist(path)
@@ -228,8 +233,14 @@ def make_tokenizer(args, dataset):
     else:
         size = getattr(dataset, "image_size", args.image_size or 256)
         if dataset.channels != vae.in_channels:
+            read_as = " (a folder's are read as RGB: for 1-channel images use --data array)" if args.data == "folder" else ""
             raise ValueError(f"--vae {args.vae} reads images of {vae.in_channels} channel(s); the {args.data} images "
-                             f"have {dataset.channels}: train an autoencoder on these images (train.py --model kl_f4)")
+                             f"have {dataset.channels}{read_as}: train an autoencoder on these images (train.py --model "
+                             "kl_f2)")
+        trained = vae.trained_image_size
+        if args.image_size is None and trained not in (None, size):
+            raise ValueError(f"--vae {args.vae} was trained on {trained}x{trained} images; the {args.data} images are "
+                             f"{size}x{size}: pass --image_size {trained} (or --image_size {size} to use it at that size)")
     if isinstance(vae, tk.AutoencoderVQ):
         return tk.VQAETokenizer(vae, size, args.patch_size, discrete=args.head == "ce")
     if args.head == "ce":
@@ -335,10 +346,15 @@ def check_resume(ckpt, run_args, tokenizer_cfg):
     if "data_size" in ckpt["args"]:       # another data set (or size) changes every epoch-based step count
         keys += ("data_size",)
     diff = [f"{k}: checkpoint {old.get(k)!r} vs now {run_args.get(k)!r}" for k in keys if old.get(k) != run_args.get(k)]
+    if "vae_sha" not in ckpt["tokenizer"]:    # from before autoencoder configs named their weights: the rest
+        tokenizer_cfg = {k: v for k, v in tokenizer_cfg.items() if k != "vae_sha"}
     if not same_config(ckpt["tokenizer"], tokenizer_cfg):
         show = lambda cfg: {k: (f"tensor{tuple(v.shape)}" if torch.is_tensor(v) else v) for k, v in cfg.items()}
+        same_kind = ckpt["tokenizer"].get("kind") == tokenizer_cfg.get("kind")
         diff.append(f"tokenizer: checkpoint {show(ckpt['tokenizer'])} vs now {show(tokenizer_cfg)}"
-                    + (" (different codebooks)" if ckpt["tokenizer"].get("kind") == tokenizer_cfg.get("kind") == "vq" else ""))
+                    + (" (different codebooks)" if same_kind and tokenizer_cfg.get("kind") == "vq" else "")
+                    + (" (other autoencoder weights: pass the --vae the run started with)"
+                       if same_kind and ckpt["tokenizer"].get("vae_sha") != tokenizer_cfg.get("vae_sha") else ""))
     if not diff and old.get("data_path") != run_args.get("data_path"):
         print0(f"--resume: --data_path {old.get('data_path')!r} -> {run_args.get('data_path')!r}: allowed, the data "
                f"set has the same size ({run_args.get('data_size')} images), so the schedule is unchanged")
@@ -519,9 +535,6 @@ def get_args(argv=None):
                            ("ema_decay", 0 <= args.ema_decay <= 1, "in [0, 1] (paper: 0.9999)")):
         if not ok:
             raise ValueError(f"--{name} must be {want}, got {getattr(args, name)}")
-    if args.head == "ce" and args.vq is None and args.vae is None:
-        raise ValueError("--head ce is a softmax over discrete codes: add --vq K (e.g. --vq 1024), or a VQ "
-                         "autoencoder's --vae")
     if args.model in tk.AUTOENCODERS:
         # An autoencoder reads whole images: MAR's token and model flags would be ignored, so they are errors.
         ignored = [f for f in ("vae", "codebook", "order", "diffloss_w", "mask_ratio_min", "mask_ratio_law",
@@ -534,7 +547,13 @@ def get_args(argv=None):
         if ignored:
             raise ValueError(f"--model {args.model} trains an autoencoder: drop {', '.join('--' + f for f in ignored)} "
                              "(MAR's flags; --vq is the vq_* codebook size, --kl_weight the kl_* KL weight)")
-    elif args.kl_weight is not None or args.disc_weight or args.disc_start:
+        if args.data == "latents":
+            raise ValueError(f"--model {args.model} trains an autoencoder on images: --data latents holds another "
+                             "autoencoder's latents; pass the images (--data folder / array / fashion_mnist)")
+    elif args.head == "ce" and args.vq is None and args.vae is None:
+        raise ValueError("--head ce is a softmax over discrete codes: add --vq K (e.g. --vq 1024), or a VQ "
+                         "autoencoder's --vae")
+    if args.model not in tk.AUTOENCODERS and (args.kl_weight is not None or args.disc_weight or args.disc_start):
         raise ValueError("--kl_weight, --disc_weight and --disc_start are for the autoencoders (--model kl_f4, vq_f4, ...)")
     if not (0 <= args.disc_weight < math.inf and 0 <= args.disc_start < math.inf):
         raise ValueError(f"--disc_weight and --disc_start must be finite numbers >= 0, got {args.disc_weight}, "
@@ -832,6 +851,13 @@ def train(args, rank, world, device):
     ckpt_path = checkpoint_path(args)
     dataset = load_data(args)
     run_args["data_size"] = len(dataset)          # the schedule's steps per epoch: a resume must see the same
+    steps_per_epoch = len(dataset) / global_batch
+    total_steps = max(1, round(args.epochs * steps_per_epoch))
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    disc_start = round(args.disc_start * steps_per_epoch)
+    if args.disc_weight and disc_start >= total_steps:      # (get_args compares epochs; the steps round)
+        raise ValueError(f"--disc_start {args.disc_start:g} is step {disc_start} of {total_steps} ({len(dataset)} "
+                         f"images, global batch {global_batch}): the adversarial term would never start; lower it")
     tokenizer = make_tokenizer(args, dataset).to(device)
     ckpt = tk.torch_load(args.resume) if args.resume else None
     if ckpt is not None:
@@ -862,10 +888,6 @@ def train(args, rank, world, device):
     opt.load_state_dict(opt.state_dict())        # moves a resumed optimizer's state onto the device
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
 
-    steps_per_epoch = len(dataset) / global_batch
-    total_steps = max(1, round(args.epochs * steps_per_epoch))
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    disc_start = round(args.disc_start * steps_per_epoch)
     stop_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
     peak_lr = args.blr * global_batch / 256                               # the paper's linear scaling rule
     my_shards = list(range(rank * args.accum_iter, (rank + 1) * args.accum_iter))
