@@ -175,6 +175,16 @@ def load_model(args):
     return model.eval(), ckpt
 
 
+def clip_to_token_range(model, tokenizer):
+    """The Diffusion Loss sampler clips each step's x_0 estimate to the tokens' range where the tokenizer
+    knows it (pixels: [-1, 1]; an autoencoder trained here: its latents' measured range; KL-16: none, as
+    released). Taken from the tokenizer, not from the run's config: a run trained on an autoencoder's
+    latents before autoencoders recorded their range gets it too."""
+    if hasattr(model.diffloss, "clip_x0"):
+        model.diffloss.clip_x0 = tokenizer.token_bound
+    return model
+
+
 def load_tokenizer(args, ckpt):
     """train.py checkpoints store the tokenizer's config; released MAR files are KL-16 at 256x256. An
     autoencoder's weights are another file: --vae, else the one the run trained with (its --vae), if it
@@ -286,6 +296,7 @@ def main(argv=None):
     model, ckpt = load_model(args)
     model.to(device)
     tokenizer = load_tokenizer(args, ckpt).to(device)
+    clip_to_token_range(model, tokenizer)
     labels = plan_labels(args, model.num_classes)
     if args.temperature is None:
         args.temperature = DEFAULT_TEMPERATURE[tokenizer.config()["kind"]]

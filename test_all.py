@@ -1044,14 +1044,16 @@ def test_vector_quantizer_restarts_idle_codes_and_counts_use():
     assert 0.25 <= used <= 0.5 and 1 <= perplexity <= 2 and vq.usage()[0] == 0.0   # counts reset
 
 
-def test_latent_scale_of_a_known_std():
-    # latents with std 0.5 (images uniform on [-1, 1] have std 1/sqrt(3); a 1x1 conv scales them): 1/std
+def test_latent_stats_of_a_known_std_and_range():
+    # latents with std 0.5 (images uniform on [-1, 1] have std 1/sqrt(3); a 1x1 conv scales them): 1/std;
+    # their range: the largest |image| (1.0: pixel 0 is -1) times the same factor
     class Halve(torch.nn.Module):
         def latents(self, images):
             return images * (0.5 * math.sqrt(3))
     data = T.ArrayDataset(np.random.default_rng(0).integers(0, 256, (500, 8, 8), dtype=np.uint8))
-    assert abs(T.latent_scale(Halve(), data, batch_size=64) - 2.0) < 0.02
-    assert T.latent_scale(Halve(), data, max_images=100) != T.latent_scale(Halve(), data)   # the cap is honoured
+    scale, bound = T.latent_stats(Halve(), data, batch_size=64)
+    assert abs(scale - 2.0) < 0.02 and bound == pytest.approx(0.5 * math.sqrt(3))
+    assert T.latent_stats(Halve(), data, max_images=100)[0] != scale                 # the cap is honoured
 
 
 def test_autoencoder_training_reduces_the_loss():
@@ -2281,13 +2283,20 @@ def test_train_a_tokenizer_then_mar_on_its_latents(tmp_path):
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     assert torch.equal(vae.reconstruct(x), ema.eval().reconstruct(x)) and vae.scale == ckpt["scale"]
     data = train.load_data(train.get_args(ae))
-    assert abs(ckpt["scale"] / T.latent_scale(ema, data) - 1) < 0.02      # (posterior draws differ)
+    assert abs(ckpt["scale"] / T.latent_stats(ema, data)[0] - 1) < 0.02      # (posterior draws differ)
+    assert ckpt["latent_bound"] > 0 and vae.latent_bound == ckpt["latent_bound"]
     mar_flags = ["--data", "builtin", "--image_size", "8", "--batch_size", "4", "--max_steps", "1",
                  "--sample_every", "0", "--precision", "fp32"]
     train.main(mar_flags + ["--vae", str(kl / "checkpoint-last.pth"), "--output_dir", str(tmp_path / "m")])
     m = T.torch_load(str(tmp_path / "m" / "checkpoint-last.pth"))
     assert (m["tokenizer"]["kind"], m["tokenizer"]["scale"], m["config"]["seq_len"], m["config"]["token_dim"]) == \
         ("kl", ckpt["scale"], 4, 16)                                     # 8x8 / 4 = 2x2 latents of 16 channels
+    # The sampler clips x_0 to the latents' range (scaled as the tokens), also for a run whose config lacks it
+    assert m["config"]["clip_x0"] == pytest.approx(ckpt["latent_bound"] * ckpt["scale"])
+    model, _ = mar.load_checkpoint(str(tmp_path / "m" / "checkpoint-last.pth"))
+    model.diffloss.clip_x0 = None
+    tok = T.build_tokenizer(m["tokenizer"], str(kl / "checkpoint-last.pth"))
+    assert sample.clip_to_token_range(model, tok).diffloss.clip_x0 == tok.token_bound == m["config"]["clip_x0"]
     sample.main(["--ckpt", str(tmp_path / "m" / "checkpoint-last.pth"), "--num_images", "10", "--num_iter", "2",
                  "--num_sampling_steps", "3", "--npz", str(tmp_path / "s.npz"), "--out", str(tmp_path / "s.png")])
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (10, 8, 8, 1)

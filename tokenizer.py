@@ -16,8 +16,9 @@ MAR (paper Sec. 3-5) models a sequence of continuous tokens; the model only ever
     `AutoencoderKL.forward` is LDM's loss without its perceptual term (L1 + 1e-6 KL; with train.py
     --disc_weight, its adversarial term: `PatchDiscriminator`, `hinge_d_loss`, `adaptive_weight`),
     `AutoencoderVQ` its twin with a `VectorQuantizer` bottleneck (codes for cross-entropy, the continuous
-    z before quantisation for the Diffusion Loss: `VQAETokenizer`), and `latent_scale` measures the
-    1 / std that KL-16's 0.2325 is for ImageNet, stored in the checkpoint that `load_vae` reads.
+    z before quantisation for the Diffusion Loss: `VQAETokenizer`), and `latent_stats` measures the
+    1 / std that KL-16's 0.2325 is for ImageNet and the latents' range (the sampler's clip), stored in
+    the checkpoint that `load_vae` reads.
   * `VQTokenizer`: discrete tokens for Table 1's cross-entropy baseline, the pixel patches snapped to
     the nearest of K codes of a seeded k-means codebook (`kmeans`, `nearest_code`); the codebook
     travels in `.config()`.
@@ -319,8 +320,9 @@ class AutoencoderKL(nn.Module):
     # part of the config or the weights: a training setting, like the learning rate.
     kl_weight = 1e-6
     # 1 / std of the latents (KLTokenizer multiplies by it): KL-16's value for the released weights;
-    # load_vae reads a trained autoencoder's own from its checkpoint (latent_scale computes it).
+    # load_vae reads a trained autoencoder's own from its checkpoint (latent_stats computes it).
     scale = KL16_SCALE
+    latent_bound = None         # max |latent| over training images (latent_stats; None: unknown, KL-16)
     trained_image_size = None   # the image size it was trained on, where known (load_vae: one trained here)
 
     def encode(self, images):
@@ -332,7 +334,7 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(latents))
 
     def latents(self, images):
-        """The latents a tokenizer reads (a posterior sample), unscaled: what latent_scale measures."""
+        """The latents a tokenizer reads (a posterior sample), unscaled: what latent_stats measures."""
         return self.encode(images).sample()
 
     @torch.no_grad()
@@ -540,17 +542,24 @@ def build_autoencoder(name, **overrides):
 
 
 @torch.no_grad()
-def latent_scale(vae, dataset, max_images=2_000, batch_size=100, device="cpu"):
-    """1 / std of the latents a tokenizer reads (posterior samples, or the VQ twin's z) over the first
-    max_images images of `dataset` (items (image in [-1, 1], label)), all elements pooled and no mean
-    subtracted: the released MAR code's 0.2325 for KL-16 is this over ImageNet. It makes the tokens
-    ~unit variance, the scale the Diffusion Loss's noise schedule assumes."""
-    n, s, s2 = 0, 0.0, 0.0
+def latent_stats(vae, dataset, max_images=2_000, batch_size=100, device="cpu"):
+    """(scale, bound) of the latents a tokenizer reads (posterior samples, or the VQ twin's z) over the
+    first max_images images of `dataset` (items (image in [-1, 1], label)).
+
+    scale: 1 / std, all elements pooled and no mean subtracted: the released MAR code's 0.2325 for KL-16
+    is this over ImageNet. It makes the tokens ~unit variance, the scale the Diffusion Loss's noise
+    schedule assumes.
+    bound: max |latent| (unscaled). The Diffusion Loss sampler clips each step's x_0 estimate to the
+    tokens' range (DiffLoss clip_x0, DDPM's clip_denoised): its first step multiplies the error of the
+    noise prediction by ~2e4, which a model trained for 400 epochs (KL-16's) keeps small but one
+    trained briefly does not: unclipped, its latents diverge to 1e3 (measured, experiments/table2.py)."""
+    n, s, s2, bound = 0, 0.0, 0.0, 0.0
     for start in range(0, min(len(dataset), max_images), batch_size):
         images = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset), max_images))])
         z = vae.latents(images.to(device)).double()
         n, s, s2 = n + z.numel(), s + z.sum().item(), s2 + (z * z).sum().item()
-    return 1.0 / math.sqrt(s2 / n - (s / n) ** 2)
+        bound = max(bound, z.abs().max().item())
+    return 1.0 / math.sqrt(s2 / n - (s / n) ** 2), bound
 
 
 def load_vae(path, name="kl16", **overrides):
@@ -571,7 +580,7 @@ def load_vae(path, name="kl16", **overrides):
             raise ValueError(f"{path!r}: its training has not finished (the latent scale is measured at the end): "
                              "finish it with train.py --resume, then pass it")
         load_state_dict_strict(vae, ckpt["model_ema"], f"{ckpt['config']['model']} (EMA weights)")
-        vae.scale = ckpt["scale"]
+        vae.scale, vae.latent_bound = ckpt["scale"], ckpt.get("latent_bound")
         vae.trained_image_size = (ckpt.get("tokenizer") or {}).get("image_size")   # what it was trained on
         return vae.eval()
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and "model_ema" in ckpt:
@@ -730,7 +739,9 @@ class KLTokenizer:
         self.latent_size = image_size // f
         self.seq_len = (self.latent_size // patch_size) ** 2
         self.token_dim = vae.embed_dim * patch_size ** 2
-        self.token_bound = None  # latents have no fixed range (the released sampler never clips)
+        # The tokens' range, where the autoencoder's file measured it (one trained here: latent_stats);
+        # KL-16's latents have none on record, and the released sampler never clips them.
+        self.token_bound = None if vae.latent_bound is None else vae.latent_bound * self.scale
         self._vae_sha = None
 
     @torch.no_grad()

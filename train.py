@@ -1005,10 +1005,12 @@ def train(args, rank, world, device):
                 break
     if autoencoder and step == stop_step:
         # The latent scale (1 / std of the latents over the training images, as 0.2325 is for KL-16 on
-        # ImageNet), stored in the checkpoint: train.py --vae and sample.py read it from there.
-        finished["scale"] = tk.latent_scale(ema, dataset, device=device)
-        print0(f"latent scale {finished['scale']:.4f} (1 / std of the latents over "
-               f"{min(len(dataset), 2_000)} training images): use this checkpoint as --vae {ckpt_path}")
+        # ImageNet) and range (the sampler's clip), stored in the checkpoint: train.py --vae and sample.py
+        # read them from there.
+        finished["scale"], finished["latent_bound"] = tk.latent_stats(ema, dataset, device=device)
+        print0(f"latent scale {finished['scale']:.4f}, range +-{finished['latent_bound']:.4g} (1 / std and max |z| "
+               f"of the latents over {min(len(dataset), 2_000)} training images): use this checkpoint as --vae "
+               f"{ckpt_path}")
         checkpoint()
     print0(f"done: step {step}, {time.time() - t_start:.0f} s; checkpoint {ckpt_path}")
     return stop.signal

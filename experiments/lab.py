@@ -40,7 +40,7 @@ import fid  # noqa: E402
 import mar  # noqa: E402
 import tokenizer as tk  # noqa: E402
 import train  # noqa: E402
-from sample import generate  # noqa: E402
+from sample import clip_to_token_range, generate  # noqa: E402
 
 LOGGING = ["--log_every", "25", "--ckpt_every", "200", "--sample_every", "0"]   # no effect on the numbers
 RUNNING_S = 600         # a run whose files changed this recently is taken to be still training
@@ -172,7 +172,8 @@ def load_row_model(args, ckpt_path):
     model, ckpt = mar.load_checkpoint(ckpt_path)
     model.diffloss.set_sampling_steps(args.num_sampling_steps)
     vae = ckpt["args"].get("vae") if isinstance(ckpt.get("args"), dict) else None
-    return model, ckpt, tk.build_tokenizer(ckpt["tokenizer"], vae)
+    tokenizer = tk.build_tokenizer(ckpt["tokenizer"], vae)
+    return clip_to_token_range(model, tokenizer), ckpt, tokenizer
 
 
 def measure_row(args, ev, row, model, tokenizer, ckpt, num_iter, common, temperatures, on_record, who):

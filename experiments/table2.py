@@ -200,6 +200,7 @@ def tokens_of(row, kl):
 def evaluate_row(args, ev, row, name, sha, ckpt_path):
     model, ckpt, tokenizer = lab.load_row_model(args, ckpt_path)
     common = dict(tokenizer=name, tokenizer_sha=sha, num_iter=ROWS[row][4] or model.seq_len,
+                  clip_x0=getattr(model.diffloss, "clip_x0", None),              # sample.clip_to_token_range
                   train_time_s=lab.training_time(os.path.dirname(ckpt_path)), batch=args.batch,
                   threads=torch.get_num_threads(), **lab.setting(args))
     lab.measure_row(args, ev, row, model, tokenizer, ckpt, ROWS[row][4], common, ROWS[row][2] == "diffusion",
