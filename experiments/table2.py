@@ -34,7 +34,9 @@ Protocol (every choice):
     sweeps against the training images, N = 5,000 vs the test set), with --vae: MAR with the small-data
     recipe's flags and AR raster with the Diffusion Loss on the KL latents; MAR (recipe) with the Diffusion
     Loss on vq_f4's latents before quantisation (7x7 x 16, patch 1), and with cross-entropy on its codes (one
-    code per token). Each row's run directory and records
+    code per token). The Diffusion Loss rows sample with each step's x_0 estimate clipped to the latents'
+    range, measured with the scale (sample.clip_to_token_range; the released sampler does not clip KL-16's
+    latents, and unclipped these 2-epoch models diverge). Each row's run directory and records
     name its tokenizer's weights. Beside them, Table 1's pixel rows (experiments/table1.jsonl).
 """
 import argparse
