@@ -209,7 +209,7 @@ class DiffLoss(nn.Module):
         # with a known range (pixels in [-1, 1]) this is DDPM's clip_denoised: it stops the first step,
         # whose x_0 estimate multiplies eps errors by sqrt(1/abar(999) - 1) = 2e4, from throwing samples
         # far out of range. None (the released setting for KL-16 latents, which have no fixed range)
-        # never clips.
+        # never clips; a model trained briefly on latents needs the clip too, at their measured range.
         self.clip_x0 = clip_x0
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth,
                                   grad_checkpointing)
