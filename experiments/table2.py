@@ -186,7 +186,9 @@ def row_spec(args, row, kl, trained):
     name = tokens_of(row, kl)
     path, sha = trained[name]
     patch = 1 if head == "ce" else TOKENIZERS[name][1]
-    argv = table1.COMMON + ["--model", model] + (["--order", order] if order else []) + ["--head", head]
+    i = table1.COMMON.index("--patch_size")                       # pixels' 4; the tokenizer's is set below
+    argv = table1.COMMON[:i] + table1.COMMON[i + 2:] + ["--model", model] + (["--order", order] if order else [])
+    argv += ["--head", head]
     argv += list(RECIPE) if model.startswith("mar_") else []
     argv += ["--vae", path, "--patch_size", str(patch), "--precision", args.precision]
     argv += (["--data_path", args.data_path] if args.data_path else []) + \
