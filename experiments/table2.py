@@ -249,6 +249,23 @@ def write_table(args):
         res = lab.row_results(t1, t1_records, row)
         cells = lab.fid_cells(res) if res else ["not measured yet", "-", "-"]
         lines.append(f"| {labels[0]} | {labels[1]} (Table 1) | {labels[2]} | " + " | ".join(cells) + " | - |")
+    sweeps, notes = lab.find(records, kind="sweep", n=args.num_sweep, **lab.setting(args)), []
+    for row in ROWS:                                  # each row's latest weights (those of its finals)
+        mine = [r for r in sweeps if r["row"] == row]
+        if not mine:
+            continue
+        pts = lab.find(mine, **lab.latest_key(mine))
+        plain = sorted({r["cfg"]: r["fid"] for r in pts if "temperature" not in r}.items())
+        joint = sorted({(r["cfg"], r["temperature"]): r["fid"] for r in pts if "temperature" in r}.items())
+        notes.append(f"- {row}: " + ", ".join(f"{c:g}: {f:.2f}" for c, f in plain)
+                     + ("; " + ", ".join(f"({c:g}, {t:g}): {f:.2f}" for (c, t), f in joint) if joint else ""))
+    unclipped = lab.find(records, kind="sweep_unclipped")
+    if unclipped:
+        notes.append("- sampled without the clip of x_0 (the released sampler on latents; the same weights): "
+                     + ", ".join(f"{r['row']} at {r['cfg']:g}: {r['fid']:.2f}" for r in unclipped))
+    if notes:
+        lines += ["", f"Sweeps (FID of {args.num_sweep} samples vs the training images): CFG scale: FID, then "
+                      "(scale, temperature): FID."] + notes
     tmp = f"{args.table}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -800,6 +800,8 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     assert (tmp_path / "table2.png").exists() and "| MAR (recipe) | VQ, codes (vq_f4) | CrossEnt |" in md.read_text()
     assert f"| kl_f2 | 2, fp32, 2, 0 min | {tokens['kl_f2']['mse']:.4f} |" in md.read_text()
     assert f"| {codes['used']:.1%} of 1024 ({codes['perplexity']:.0f}) |" in md.read_text()
+    (sweep,) = [r for r in rows if r["kind"] == "sweep"]
+    assert f"- mar16_ce_vq: 2: {sweep['fid']:.2f}" in md.read_text()                          # the sweep points
     with pytest.raises(ValueError, match="must be more"):
         table2.get_args(argv + ["--tokenizers", "kl_f4_gan,vq_f4_gan", "--tokenizer_epochs", "1"])
     (tmp_path / "table2.png").unlink()
