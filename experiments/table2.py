@@ -38,6 +38,9 @@ Protocol (every choice):
     range, measured with the scale (sample.clip_to_token_range; the released sampler does not clip KL-16's
     latents, and unclipped these 2-epoch models diverge). Each row's run directory and records
     name its tokenizer's weights. Beside them, Table 1's pixel rows (experiments/table1.jsonl).
+  * A control, not in the paper: MAR (recipe) with the Diffusion Loss on kl_f4's latents, the same 7x7 x 16
+    grid as vq_f4's. Beside the KL row (kl_f2's 14x14 x 4 in 2x2 patches) and the VQ-latents row, it tells
+    the bottleneck (KL or VQ) from the grid.
 """
 import argparse
 import math
@@ -70,8 +73,8 @@ TOKENIZERS = {"kl_f4": ("kl_f4", 1, ()), "kl_f2": ("kl_f2", 2, ()), "kl_f4_gan":
               "vq_f4_gan": ("vq_f4", 1, gan(0.5)), "vq_f4_gan0.1": ("vq_f4", 1, gan(0.1))}
 RECIPE = table1.RUNS["mar_diffusion_recipe"][3]                 # the small-data recipe's train.py flags
 VQ_ROWS_TOKENIZER = "vq_f4"                                      # (the protocol above says why f4)
-# id -> (model, order, head, tokens ("kl": the chosen KL, "vq": VQ_ROWS_TOKENIZER), num_iter, labels, paper's Table 2
-# FID w/o, w/ CFG (ImageNet 256, MAR-L: KL-16 and VQ-16; "-": not in the paper))
+# id -> (model, order, head, tokens ("kl": the chosen KL, "vq": VQ_ROWS_TOKENIZER, or a candidate's name), num_iter,
+# labels, paper's Table 2 FID w/o, w/ CFG (ImageNet 256, MAR-L: KL-16 and VQ-16; "-": not in the paper))
 ROWS = {
     "mar16_diffusion_kl": ("mar_tiny", None, "diffusion", "kl", 16, ("MAR (recipe)", "KL", "Diff Loss"),
                            ("3.50", "1.98")),
@@ -80,6 +83,8 @@ ROWS = {
     "mar16_diffusion_vq": ("mar_tiny", None, "diffusion", "vq", 16,
                            ("MAR (recipe)", "VQ, latents before quantisation", "Diff Loss"), ("7.82", "-")),
     "mar16_ce_vq": ("mar_tiny", None, "ce", "vq", 16, ("MAR (recipe)", "VQ, codes", "CrossEnt"), ("8.79", "3.69")),
+    "mar16_diffusion_klf4": ("mar_tiny", None, "diffusion", "kl_f4", 16, ("MAR (recipe)", "KL, 7x7 grid", "Diff Loss"),
+                             ("-", "-")),
 }
 PIXEL_ROWS = {"mar16_diffusion_recipe": ("MAR (recipe)", "pixels", "Diff Loss"),     # Table 1's, for comparison
               "ar_raster_diffusion": ("AR raster", "pixels", "Diff Loss")}
@@ -197,8 +202,8 @@ def row_spec(args, row, kl, trained):
 
 
 def tokens_of(row, kl):
-    """The autoencoder whose tokens a row models: the chosen KL one, or VQ_ROWS_TOKENIZER."""
-    return kl if ROWS[row][3] == "kl" else VQ_ROWS_TOKENIZER
+    """The autoencoder whose tokens a row models: the chosen KL one, VQ_ROWS_TOKENIZER, or the one it names."""
+    return {"kl": kl, "vq": VQ_ROWS_TOKENIZER}.get(ROWS[row][3], ROWS[row][3])
 
 
 def evaluate_row(args, ev, row, name, sha, ckpt_path):
@@ -340,8 +345,9 @@ def main(argv=None, inception=None):
         write_table(args)
         print(open(args.table).read())
         return
-    if any(tokens_of(row, kl) != kl for row in args.rows):  # the VQ rows' tokenizer, trained the same way
-        trained.update(tokenizers(args, ev, [VQ_ROWS_TOKENIZER]))
+    needed = sorted({tokens_of(row, kl) for row in args.rows} - set(trained))
+    if needed:                                              # the VQ rows' (or a control's), trained the same way
+        trained.update(tokenizers(args, ev, needed))
     ckpts = lab.train_all({row: row_spec(args, row, kl, trained) for row in args.rows}, len(ev.train_set))
     samples = []
     for row in args.rows:
