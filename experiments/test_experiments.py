@@ -782,8 +782,10 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     run, gan = table2.tokenizer_spec(table2.get_args(argv), "kl_f4_gan")                 # a candidate's flags
     assert run.endswith("t2_kl_f4_gan_fp32") and " ".join(gan).count("--model kl_f4 ") == 1 and \
         "--disc_weight 0.5 --disc_start 1" in " ".join(gan)
-    row_dir, row = table2.row_spec(table2.get_args(argv), "mar16_diffusion_klf4", "kl_f2", {"kl_f4": ("k.pth", "0123456789")})
-    assert row_dir.endswith("t2_mar16_diffusion_klf4_kl_f4_01234567_fp32") and "--vae k.pth --patch_size 1" in " ".join(row)
+    row_dir, row = table2.row_spec(table2.get_args(argv), "mar16_diffusion_klf4", "kl_f2",   # the control's tokens
+                                   {"kl_f4": ("k.pth", "0123456789")})
+    assert row_dir.endswith("t2_mar16_diffusion_klf4_kl_f4_01234567_fp32")
+    assert "--vae k.pth --patch_size 1" in " ".join(row)
     table2.main(argv, inception=features)
     records = lab.read_records(str(out))
     tokens = {r["tokenizer"]: r for r in records if r["kind"] == "tokens"}
