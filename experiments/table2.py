@@ -138,20 +138,31 @@ def measure_tokenizer(args, ev, name, tokenizer, train_info):
 
 
 def measure_codes(args, ev, name, vae, weights_sha, batch=500):
-    """The "codes" record of a VQ autoencoder: how much of its codebook the 10,000 test images use (the
-    fraction of codes picked at least once, and the perplexity exp(H) of the picks, at most K): a collapsed
-    codebook would show here."""
-    with lab.claim(args, kind="codes", tokenizer=name, weights_sha=weights_sha) as mine:
+    """The "codes" record of a VQ autoencoder on the 10,000 test images: how much of its codebook they use
+    (the fraction of codes picked at least once, and the perplexity exp(H) of the picks, at most K): a
+    collapsed codebook would show here; and the quantisation gap, E||z - e||^2 / E||z - E z||^2 (the
+    share of the latents' variance that snapping z to its code e removes): near 0, the continuous latents
+    the Diffusion Loss rows model are nearly K points, which the cross-entropy row models exactly."""
+    with lab.claim(args, kind="codes", tokenizer=name, weights_sha=weights_sha, ref="test") as mine:
         if mine:
             images = lab.uint8_images(ev.test_set, torch.arange(len(ev.test_set)))
             counts = torch.zeros(vae.quantize.embedding.num_embeddings)
+            gap = s1 = s2 = 0.0                             # sums of ||z - e||^2; of z and z^2 per channel
             for start in range(0, len(images), batch):
                 x = lab.unit_images(images[start:start + batch])
                 with torch.no_grad():
-                    counts += torch.bincount(vae.quantize(vae.encode(x))[2].flatten(), minlength=len(counts))
+                    z = vae.encode(x)
+                    zq, _, idx = vae.quantize(z)
+                counts += torch.bincount(idx.flatten(), minlength=len(counts))
+                z = z.double().transpose(0, 1).flatten(1)             # (E, B h w)
+                gap += ((zq.double().transpose(0, 1).flatten(1) - z) ** 2).sum().item()
+                s1, s2 = s1 + z.sum(1), s2 + (z ** 2).sum(1)
+            n = counts.sum().item()                                 # latent vectors (B h w in all)
+            variance = (s2 - s1 ** 2 / n).sum().item()
             used, perplexity = tk.code_usage(counts)
-            lab.append_record(args.out, dict(kind="codes", tokenizer=name, weights_sha=weights_sha, n=len(ev.test_set),
-                                             codes=len(counts), used=used, perplexity=perplexity), who="table2")
+            lab.append_record(args.out, dict(kind="codes", tokenizer=name, weights_sha=weights_sha, ref="test",
+                                             n=len(ev.test_set), codes=len(counts), used=used,
+                                             perplexity=perplexity, gap=gap / variance), who="table2")
 
 
 def tokenizers(args, ev, names):
@@ -225,13 +236,14 @@ def write_table(args):
     tokens = {(r["tokenizer"], r.get("precision")): r for r in lab.find(records, kind="tokens")}  # latest of each
     lines = ["Tokenizers: reconstructions of the test images (MSE in [-1, 1], PSNR on [0, 1]) and their rFID "
              "(N of them vs the test set's statistics); a VQ autoencoder's codebook use on the test images (the "
-             "fraction of codes picked, the perplexity of the picks).", "",
+             "fraction of codes picked, the perplexity of the picks) and its quantisation gap (the share of the "
+             "latents' variance that snapping them to their codes removes).", "",
              "| tokenizer | trained (epochs, precision, steps, time) | MSE | PSNR (dB) | rFID (N) | latent scale | "
-             "codes used (perplexity) |", "|---|---|---|---|---|---|---|"]
+             "codes used (perplexity), gap |", "|---|---|---|---|---|---|---|"]
     codes = {(r["tokenizer"], r["weights_sha"]): r for r in lab.find(records, kind="codes")}
     for (name, precision), r in tokens.items():
         c = codes.get((name, r.get("weights_sha")))
-        used = f"{c['used']:.1%} of {c['codes']} ({c['perplexity']:.0f})" if c else "-"
+        used = f"{c['used']:.1%} of {c['codes']} ({c['perplexity']:.0f}), {lab.fmt(c.get('gap'), 4)}" if c else "-"
         psnr = "exact" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
         epochs = "-" if r.get("epochs") is None else f"{r['epochs']:g}"
         train = f"{epochs}, {precision}, {r['train_steps']}, {r['train_time_s'] / 60:.0f} min" \

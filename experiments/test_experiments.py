@@ -794,6 +794,13 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     (codes,) = [r for r in records if r["kind"] == "codes"]                  # the VQ one's codebook use
     assert (codes["tokenizer"], codes["weights_sha"], codes["codes"]) == ("vq_f4", tokens["vq_f4"]["weights_sha"], 1024)
     assert 0 < codes["used"] <= 1 and 1 - 1e-6 <= codes["perplexity"] <= codes["used"] * 1024 + 1e-3
+    vq = T.load_vae(str(tmp_path / "runs" / "t2_vq_f4_fp32" / "checkpoint-last.pth"))     # the gap, directly:
+    test = T.load_fashion_mnist(str(fashion_stand_in), "test")                        # ||z - e||^2 over the
+    with torch.no_grad():                                                             # variance of z
+        z = vq.encode(lab.unit_images(lab.uint8_images(test, torch.arange(len(test))))).double()
+        zq = vq.quantize(z.float())[0].double()
+    want = ((z - zq) ** 2).sum() / ((z - z.mean(dim=(0, 2, 3), keepdim=True)) ** 2).sum()
+    assert codes["gap"] == pytest.approx(want.item(), rel=1e-6) and codes["ref"] == "test"
     rows = [r for r in records if r.get("row") == "mar16_ce_vq"]
     assert sorted((r["kind"], r["cfg"]) for r in rows) == [("final", 1.0), ("final", 2.0), ("sweep", 2.0)]
     assert {(r["tokenizer"], r["tokenizer_sha"]) for r in rows} == {("vq_f4", tokens["vq_f4"]["weights_sha"])}
@@ -803,7 +810,7 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
     assert ckpt["args"]["mask_ratio_law"] == "uniform" and ckpt["args"]["dropout"] == 0       # the recipe
     assert (tmp_path / "table2.png").exists() and "| MAR (recipe) | VQ, codes (vq_f4) | CrossEnt |" in md.read_text()
     assert f"| kl_f2 | 2, fp32, 2, 0 min | {tokens['kl_f2']['mse']:.4f} |" in md.read_text()
-    assert f"| {codes['used']:.1%} of 1024 ({codes['perplexity']:.0f}) |" in md.read_text()
+    assert f"| {codes['used']:.1%} of 1024 ({codes['perplexity']:.0f}), {codes['gap']:.4f} |" in md.read_text()
     (sweep,) = [r for r in rows if r["kind"] == "sweep"]
     assert f"- mar16_ce_vq: 2: {sweep['fid']:.2f}" in md.read_text()                          # the sweep points
     with pytest.raises(ValueError, match="must be more"):
