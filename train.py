@@ -654,6 +654,12 @@ def take_lock(path):
             os.remove(path)                            # its process is gone
 
 
+def release_lock(path):
+    """Remove our lock file. One already gone (deleted by hand) is no error: the work it guarded is done."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
 def lock_output_dir(output_dir):
     """One run per output directory: OUTPUT_DIR/train.lock holds the pid of the train.py writing there (two
     would interleave metrics.jsonl and overwrite each other's checkpoints). -> the lock's path."""
@@ -804,8 +810,7 @@ def main(argv=None):
             dist.barrier()
     finally:
         if lock is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(lock)
+            release_lock(lock)
         if dist.is_initialized():
             dist.destroy_process_group()
     return stopped_by

@@ -127,7 +127,7 @@ def claim(args, **key):
         try:
             yield not find(read_records(args.out), **key)     # (it may have finished just before we locked)
         finally:
-            os.remove(lock)
+            release_lock(lock)
 
 
 
@@ -291,7 +291,7 @@ def ensure_trained(run_dir, argv, n_train):
             proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + argv, cwd=ROOT,
                                   stdout=f, stderr=subprocess.STDOUT)
     finally:
-        os.remove(lock)
+        release_lock(lock)
     if proc.returncode != 0:
         raise RuntimeError(f"training {run_dir} failed (exit {proc.returncode}); see {log}")
     return ckpt_path
@@ -342,6 +342,7 @@ def uint8_images(dataset, index):
 
 
 take_lock = train.take_lock     # lock files holding a pid: False while a live process holds one
+release_lock = train.release_lock
 
 
 def once(path, make):
@@ -355,7 +356,7 @@ def once(path, make):
             if not os.path.exists(path):
                 make()
         finally:
-            os.remove(path + ".lock")
+            release_lock(path + ".lock")
 
 
 def cached_features(args, name, make_images, inception):

@@ -159,7 +159,7 @@ def train_stage(args, data_path, n, label, stage):
         os.replace(snap + ".tmp", snap)
         return snap
     finally:
-        os.remove(run + ".stages.lock")
+        lab.release_lock(run + ".stages.lock")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ def test_table1_locks(tmp_path, monkeypatch):
     """table1.py processes share work through lock files: a lock of a running process is respected, one
     of a dead process (or a pid never written, a minute on) is taken over; cached reference features
     are computed once, a second process waits for the file instead of computing them again; a run
-    another process trains is left to it."""
+    another process trains is left to it; a lock deleted by hand is no error."""
     lock = str(tmp_path / "x.lock")
     assert lab.take_lock(lock) and open(lock).read() == str(os.getpid())
     assert not lab.take_lock(lock)                             # held by a running process (this one)
@@ -281,6 +281,10 @@ def test_table1_locks(tmp_path, monkeypatch):
     assert not lab.take_lock(lock)                             # pid still being written
     os.utime(lock, (time.time() - 120,) * 2)
     assert lab.take_lock(lock)
+    held = argparse.Namespace(runs_dir=str(tmp_path / "claims"), out=str(tmp_path / "none.jsonl"))
+    with lab.claim(held, kind="x") as mine:                    # its lock deleted by hand meanwhile: the
+        assert mine                                            # measurement's process goes on
+        os.remove(lab.measurement_lock(held, kind="x"))
 
     args = argparse.Namespace(runs_dir=str(tmp_path), fid_batch=2)
     path = tmp_path / "t1_cache" / "features_ref.npy"
