@@ -19,7 +19,7 @@ checkpoint; two shells with OMP_NUM_THREADS=1 share the runs and points through 
 Cost: 937.5 steps per epoch; measured on one thread each, two runs side by side, AR raster takes ~2.2 s
 per step and the recipe's MAR ~1.0-1.3 s (its uniform mask law leaves half the tokens to the head, which
 runs on masked tokens only): 16 epochs are ~9 and ~5 hours of one core. A killed run resumes from its
-last checkpoint (every 200 steps) once its files are 10 minutes old (lab.RUNNING_S).
+last checkpoint (every 200 steps) once its train.py is gone (lab.ensure_trained).
 
 Protocol: FID of --num (1,000) class-balanced samples against the 10,000 test images at every budget
 (and --num_final, 5,000, at the longest one measured), w/o CFG and w/ CFG at each model's fixed

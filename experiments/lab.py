@@ -11,8 +11,8 @@ Conventions every script follows:
     instead of being pooled with the old weights. Tables are regenerated from the JSONL alone.
   * Runs: a run already in RUNS_DIR counts as done when its checkpoint's step is the run's total and its
     arguments match (train.MUST_MATCH), so runs started by hand with the same arguments are reused; an
-    unfinished one is resumed, unless its files changed in the last RUNNING_S seconds (it is probably
-    still training: it is waited for).
+    unfinished one is resumed, unless a live train.py holds its train.lock and its files changed in the
+    last RUNNING_S seconds (a train.py started by hand, or the orphan of a killed script: it is waited for).
   * Locks: a pid in a file (train.take_lock): a training run, a cached file, each measurement. A dead
     holder's lock is taken over. One process per core with OMP_NUM_THREADS=1 is the fastest use of a
     small CPU: two shells running the same command share the work.
@@ -43,7 +43,7 @@ import train  # noqa: E402
 from sample import clip_to_token_range, generate  # noqa: E402
 
 LOGGING = ["--log_every", "25", "--ckpt_every", "200", "--sample_every", "0"]   # no effect on the numbers
-RUNNING_S = 600         # a run whose files changed this recently is taken to be still training
+RUNNING_S = 600         # a run whose live train.py wrote its files this recently is left to it
 
 
 def cache_dir(runs_dir):
@@ -279,11 +279,17 @@ def ensure_trained(run_dir, argv, n_train):
             age = time.time() - max(os.path.getmtime(p) for p in (ckpt_path, os.path.join(run_dir, "metrics.jsonl"))
                                     if os.path.exists(p))
             finished = ckpt["step"] >= total_steps(argparse.Namespace(**have), n_train)  # ran to its own end
-            if age < RUNNING_S and not finished:
-                # Its files are still being written: a train.py started by hand, or the orphan of a killed
-                # script. Wait for it as for a locked run; a dead run is resumed RUNNING_S after its last write.
-                print(f"lab: {run_dir} is at step {ckpt['step']} and changed {age:.0f} s ago: probably still "
-                      f"training; left for {RUNNING_S - age:.0f} s more", flush=True)
+            writer = os.path.join(run_dir, "train.lock")                # held by the train.py writing there
+            alive = not take_lock(writer)
+            if not alive:
+                release_lock(writer)
+            if alive and age < RUNNING_S and not finished:
+                # A train.py started by hand, or the orphan of a killed script: wait for it as for a locked
+                # run. A run whose train.py is gone is resumed at once. A lock naming a live pid on files
+                # unchanged for RUNNING_S (a pid reused after a restart) is tried too: train.py then says
+                # which lock file to delete if it is in use.
+                print(f"lab: {run_dir} is at step {ckpt['step']}, written {age:.0f} s ago by a running train.py: "
+                      f"left to it", flush=True)
                 return None
             argv += ["--resume", ckpt_path]
         print(f"lab: training: train.py {' '.join(argv)} (log: {log})", flush=True)

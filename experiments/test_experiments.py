@@ -753,15 +753,17 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
                    inception=features)
     assert T.torch_load(str(d / "checkpoint-ep006.pth"))["step"] == 9
     assert not (runs / "t1_ar_tiny_diffusion_curve").exists()
-    # a run to 8 epochs whose process was killed at step 9 (its files written just now, no lock left):
-    # left alone while a train.py might still be writing it, resumed once its files are RUNNING_S old
+    # a run to 8 epochs at step 9, its files written just now: left alone while a live train.py holds its
+    # train.lock (one started by hand); resumed at once when the lock's process is gone (a killed run)
     last = T.torch_load(str(d / "checkpoint-last.pth"))
     last["args"]["epochs"] = 8
     torch.save(last, d / "checkpoint-last.pth")
+    (d / "train.lock").write_text(str(os.getpid()))
     assert curve.train_to(t1_ns, "MAR paper", 8, 100) is None and not (d / "checkpoint-ep008.pth").exists()
-    for f in ("checkpoint-last.pth", "metrics.jsonl"):
-        os.utime(d / f, (time.time() - lab.RUNNING_S - 1,) * 2)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (d / "train.lock").write_text(dead.stdout.strip())
     assert T.torch_load(curve.train_to(t1_ns, "MAR paper", 8, 100))["step"] == 12
+    assert not (d / "train.lock").exists()
 
 
 # ==============================================================================================
