@@ -655,9 +655,13 @@ def take_lock(path):
 
 
 def release_lock(path):
-    """Remove our lock file. One already gone (deleted by hand) is no error: the work it guarded is done."""
+    """Remove our lock file (the one holding our pid). One already gone (deleted by hand) is no error: the work
+    it guarded is done; one another process has taken since is its lock, left to it."""
     with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+        with open(path) as f:
+            ours = f.read().strip() == str(os.getpid())
+        if ours:
+            os.remove(path)
 
 
 def lock_output_dir(output_dir):

@@ -274,23 +274,23 @@ def ensure_trained(run_dir, argv, n_train):
             if diff:
                 raise ValueError(f"{ckpt_path} was trained with other settings than this experiment's "
                                  f"({', '.join(diff)}); move it away or pass another --runs_dir")
-            if ckpt["step"] >= total_steps(want, n_train):
-                return ckpt_path
             age = time.time() - max(os.path.getmtime(p) for p in (ckpt_path, os.path.join(run_dir, "metrics.jsonl"))
                                     if os.path.exists(p))
-            finished = ckpt["step"] >= total_steps(argparse.Namespace(**have), n_train)  # ran to its own end
             writer = os.path.join(run_dir, "train.lock")                # held by the train.py writing there
             alive = not take_lock(writer)
             if not alive:
                 release_lock(writer)
-            if alive and age < RUNNING_S and not finished:
-                # A train.py started by hand, or the orphan of a killed script: wait for it as for a locked
-                # run. A run whose train.py is gone is resumed at once. A lock naming a live pid on files
-                # unchanged for RUNNING_S (a pid reused after a restart) is tried too: train.py then says
-                # which lock file to delete if it is in use.
+            if alive and age < RUNNING_S:
+                # A train.py started by hand, or the orphan of a killed script (even at its last step, it may
+                # still be adding the latent scale): wait for it as for a locked run. A run whose train.py is
+                # gone is resumed at once. A lock naming a live pid on files unchanged for RUNNING_S (a pid
+                # reused after a restart) is tried too: train.py then says which lock file to delete if it is
+                # in use.
                 print(f"lab: {run_dir} is at step {ckpt['step']}, written {age:.0f} s ago by a running train.py: "
                       f"left to it", flush=True)
                 return None
+            if ckpt["step"] >= total_steps(want, n_train):
+                return ckpt_path
             argv += ["--resume", ckpt_path]
         print(f"lab: training: train.py {' '.join(argv)} (log: {log})", flush=True)
         with open(log, "a") as f:

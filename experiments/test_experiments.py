@@ -10,6 +10,7 @@ the benchmarks on tiny models. The numbers are not the point; what the scripts r
 between processes and report is.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -282,9 +283,14 @@ def test_table1_locks(tmp_path, monkeypatch):
     os.utime(lock, (time.time() - 120,) * 2)
     assert lab.take_lock(lock)
     held = argparse.Namespace(runs_dir=str(tmp_path / "claims"), out=str(tmp_path / "none.jsonl"))
+    x_lock, other = lab.measurement_lock(held, kind="x"), str(os.getppid())     # (a live process's pid)
     with lab.claim(held, kind="x") as mine:                    # its lock deleted by hand meanwhile: the
         assert mine                                            # measurement's process goes on
-        os.remove(lab.measurement_lock(held, kind="x"))
+        os.remove(x_lock)
+    with lab.claim(held, kind="x"):                            # ... and one another process has taken
+        os.remove(x_lock)                                      # since is left to it
+        open(x_lock, "w").write(other)
+    assert open(x_lock).read() == other
 
     args = argparse.Namespace(runs_dir=str(tmp_path), fid_batch=2)
     path = tmp_path / "t1_cache" / "features_ref.npy"
@@ -769,7 +775,7 @@ def test_recipe_and_curve_end_to_end_tiny(tmp_path, monkeypatch, fashion_stand_i
 # ==============================================================================================
 # Table 2: tokenizers trained here (experiments/table2.py)
 
-def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
+def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features, monkeypatch):
     """experiments/table2.py on the 100-image stand-in: the KL candidate (kl_f2) trained 2 steps, chosen (the
     only one), and vq_f4 trained because a VQ row needs it (whatever the chosen KL: its codes give the 49 tokens
     of the other rows); their quality measured beside pixel and k-means tokens; MAR with cross-entropy on
@@ -792,7 +798,8 @@ def test_table2_end_to_end_tiny(tmp_path, fashion_stand_in, features):
                                    {"kl_f4": ("k.pth", "0123456789")})
     assert row_dir.endswith("t2_mar16_diffusion_klf4_kl_f4_01234567_fp32")
     assert "--vae k.pth --patch_size 1" in " ".join(row)
-    table2.main(argv, inception=features)
+    monkeypatch.setattr(table2, "measure_codes", functools.partial(table2.measure_codes, batch=7))  # 20 images:
+    table2.main(argv, inception=features)                                                          # 3 batches
     records = lab.read_records(str(out))
     tokens = {r["tokenizer"]: r for r in records if r["kind"] == "tokens"}
     assert set(tokens) == {"kl_f2", "vq_f4", "pixel", "vq8"} and tokens["pixel"]["rfid"] == 0.0
