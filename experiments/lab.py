@@ -21,7 +21,6 @@ Conventions every script follows:
   * FID: fid.py with the FID Inception weights; reference features computed once and cached in
     RUNS_DIR/t1_cache (the cache's name is Table 1's, kept so that existing caches stay valid).
 """
-import argparse
 import contextlib
 import datetime
 import json
